@@ -1,0 +1,253 @@
+"""HF-format checkpoint directories: load without a second copy in RAM, save (sharded) atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from dreamlm.config import DreamConfig
+from dreamlm.errors import DreamError
+from dreamlm.model import DreamModel
+from dreamlm.tokenizer import DreamTokenizer, has_tokenizer_files
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Tensors some exported checkpoints carry that are recomputed, never learned.
+IGNORED_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class TensorEntry:
+    """Where one stored tensor lives, and its header facts."""
+
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint directory holds, read from headers only (no weights loaded)."""
+
+    path: Path
+    config: DreamConfig
+    tensors: dict[str, TensorEntry]
+    has_tokenizer: bool
+
+    @property
+    def num_parameters(self) -> int:
+        """Stored parameter count."""
+        total = 0
+        for entry in self.tensors.values():
+            n = 1
+            for d in entry.shape:
+                n *= d
+            total += n
+        return total
+
+    @property
+    def dtypes(self) -> list[str]:
+        """Distinct stored dtypes."""
+        return sorted({e.dtype for e in self.tensors.values()})
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes of weight files on disk."""
+        return sum(f.stat().st_size for f in {e.file for e in self.tensors.values()})
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch dtype from a name such as 'bf16'; None stays None (keep the stored dtype)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise DreamError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
+    """Read config and safetensors headers of a model directory, with errors that say what is wrong."""
+    path = Path(path)
+    if not path.exists():
+        raise DreamError(f"model directory {path} does not exist")
+    if not path.is_dir():
+        raise DreamError(f"{path} is not a directory (expected a model directory with config.json)")
+    config = DreamConfig.from_json_file(path / "config.json")
+    if (path / INDEX_FILE).is_file():
+        try:
+            index = json.loads((path / INDEX_FILE).read_text(encoding="utf-8"))
+            weight_map = index["weight_map"]
+            assert isinstance(weight_map, dict)
+        except (json.JSONDecodeError, KeyError, AssertionError, TypeError):
+            raise DreamError(f"{path / INDEX_FILE} is malformed (expected a JSON object with 'weight_map')") from None
+        files = sorted(set(weight_map.values()))
+    elif (path / SINGLE_FILE).is_file():
+        weight_map, files = None, [SINGLE_FILE]
+    else:
+        raise DreamError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
+    tensors: dict[str, TensorEntry] = {}
+    for name in files:
+        file = path / name
+        if not file.is_file():
+            raise DreamError(f"{INDEX_FILE} names {name}, which is missing from {path}")
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    tensors[key] = TensorEntry(file, tuple(sl.get_shape()), str(sl.get_dtype()))
+        except (SafetensorError, OSError) as exc:
+            raise DreamError(f"{file} is not a readable safetensors file: {exc}") from None
+    if weight_map is not None:
+        for key, name in weight_map.items():
+            if key not in tensors or tensors[key].file.name != name:
+                raise DreamError(f"{INDEX_FILE} says tensor {key} is in {name}, but it is not there")
+    return CheckpointInfo(path, config, tensors, has_tokenizer_files(path))
+
+
+def _expected_tensors(model: nn.Module, tied: bool) -> dict[str, tuple[int, ...]]:
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
+    if tied:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def _check_names_and_shapes(info: CheckpointInfo, expected: dict[str, tuple[int, ...]]) -> None:
+    stored = {k for k in info.tensors if not IGNORED_TENSORS.fullmatch(k)}
+    missing = sorted(set(expected) - stored)
+    unexpected = sorted(stored - set(expected) - {"lm_head.weight"})
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise DreamError(f"checkpoint {info.path} is missing tensor {', '.join(missing[:3])}{more}")
+    if unexpected:
+        more = f" (and {len(unexpected) - 3} more)" if len(unexpected) > 3 else ""
+        raise DreamError(f"checkpoint {info.path} has unexpected tensor {', '.join(unexpected[:3])}{more}")
+    for name, shape in expected.items():
+        if info.tensors[name].shape != shape:
+            raise DreamError(
+                f"tensor {name} has shape {list(info.tensors[name].shape)} in the checkpoint, "
+                f"but the config needs {list(shape)}"
+            )
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    module._parameters[leaf] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
+
+
+def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
+                    causal: bool | None = None) -> DreamModel:
+    """Load a model directory; each tensor is read once and placed directly (peak RAM ≈ model + one tensor)."""
+    info = inspect_checkpoint(path)
+    dtype = resolve_dtype(dtype)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    with torch.device("meta"):
+        model = DreamModel(info.config, causal=causal)
+    tied = info.config.tie_word_embeddings
+    expected = _expected_tensors(model, tied)
+    _check_names_and_shapes(info, expected)
+    by_file: dict[Path, list[str]] = {}
+    for name in expected:
+        by_file.setdefault(info.tensors[name].file, []).append(name)
+    for file, names in by_file.items():
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            for name in names:
+                tensor = f.get_tensor(name)
+                if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                    tensor = tensor.to(dtype)
+                _assign(model, name, tensor)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    if info.has_tokenizer:
+        model.tokenizer = DreamTokenizer.from_pretrained(info.path)
+    model.name_or_path = str(info.path)
+    return model.eval()
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like '5GB', '200MB', '10KiB'."""
+    if isinstance(size, int):
+        if size < 1:
+            raise DreamError(f"max_shard_size must be positive, got {size}")
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", size, flags=re.IGNORECASE)
+    if not m:
+        raise DreamError(f"cannot read size {size!r}; write e.g. '5GB' or '500MB'")
+    unit = (m.group(2) or "B").upper()
+    factor = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return max(1, int(float(m.group(1)) * factor))
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call write(tmp) then rename tmp over path, so a reader never sees a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def shard_names(state: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+    """Group tensor names, in order, into shards of at most max_bytes (a bigger tensor gets its own shard)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, tensor in state.items():
+        size = tensor.numel() * tensor.element_size()
+        if shards[-1] and used + size > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    return shards
+
+
+def save_pretrained(model: DreamModel, path: str | Path, max_shard_size: int | str = "5GB",
+                    tokenizer: DreamTokenizer | None = None) -> None:
+    """Write a Dream-format directory; files are replaced atomically and stale weight files removed last."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    max_bytes = parse_size(max_shard_size)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    config = model.config
+    config.extras["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    config.extras.pop("dtype", None)
+    shards = shard_names(state, max_bytes)
+    written: list[str] = []
+    if len(shards) == 1:
+        atomic_write(path / SINGLE_FILE, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+        written.append(SINGLE_FILE)
+    else:
+        weight_map = {}
+        for i, names in enumerate(shards, start=1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            part = {n: state[n] for n in names}
+            atomic_write(path / fname, lambda tmp, part=part: save_file(part, str(tmp), metadata={"format": "pt"}))
+            weight_map.update(dict.fromkeys(names, fname))
+            written.append(fname)
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": weight_map}
+        atomic_write(path / INDEX_FILE, lambda tmp: tmp.write_text(json.dumps(index, indent=2) + "\n"))
+        written.append(INDEX_FILE)
+    atomic_write(path / "config.json", config.to_json_file)
+    gen = json.dumps(config.generation_dict(), indent=2) + "\n"
+    atomic_write(path / "generation_config.json", lambda tmp: tmp.write_text(gen))
+    for stale in path.glob("model*.safetensors*"):
+        if stale.name not in written:
+            stale.unlink()
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)

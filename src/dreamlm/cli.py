@@ -1,0 +1,193 @@
+"""The `dreamlm` command line: one verb per job. User errors print one line and exit 2, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dreamlm.errors import DreamError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Dream-style diffusion language models: generate, infill, inspect.")
+out = Console()
+err = Console(stderr=True)
+
+DEFAULT_MODEL_NAME = "tiny-dream"
+
+
+def default_model_dir() -> Path:
+    """The bundled default model directory."""
+    return Path(str(resources.files("dreamlm") / "assets" / DEFAULT_MODEL_NAME))
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn a DreamError (or a missing file) into one line on stderr and exit code 2."""
+    try:
+        yield
+    except DreamError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise typer.Exit(130) from None
+
+
+def load(model_dir: Optional[Path], dtype: Optional[str], device: Optional[str]):
+    """Model and tokenizer from a directory (default: the bundled model)."""
+    from dreamlm.model import DreamModel
+
+    path = model_dir or default_model_dir()
+    model = DreamModel.from_pretrained(path, dtype=dtype or "float32", device=device)
+    if model.tokenizer is None:
+        raise DreamError(f"{path} has no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
+    return model, model.tokenizer
+
+
+def check_number(name: str, value: Optional[float]) -> None:
+    """Refuse NaN/inf before anything else looks at the value."""
+    if value is not None and not math.isfinite(value):
+        raise DreamError(f"{name} must be a finite number, got {value}")
+
+
+ModelOpt = typer.Option(None, "--model", "-m", help="Model directory (default: the bundled tiny model).")
+StepsOpt = typer.Option(None, help="Denoising steps (default: one per new token).")
+EpsOpt = typer.Option(1e-3, help="Final time of the schedule, in (0, 1).")
+TempOpt = typer.Option(0.0, help="Sampling temperature (0 = argmax).")
+TopPOpt = typer.Option(None, "--top-p", help="Nucleus filter, in (0, 1].")
+TopKOpt = typer.Option(None, "--top-k", help="Keep the k most likely tokens.")
+AlgOpt = typer.Option("entropy", help="Which slots to commit: origin, maskgit_plus, topk_margin, entropy.")
+AlgTempOpt = typer.Option(None, "--alg-temp", help="Randomness of the slot choice (0/None = top-k).")
+SeedOpt = typer.Option(0, help="Seed for the sampler's random draws.")
+ShowOpt = typer.Option(False, "--show", help="Live view of the canvas denoising.")
+JsonOpt = typer.Option(False, "--json", help="Print one JSON object instead of text.")
+DtypeOpt = typer.Option(None, help="float32, bfloat16 or float16 (default float32).")
+DeviceOpt = typer.Option(None, help="cpu, cuda, cuda:1 … (default cpu).")
+DelayOpt = typer.Option(0.04, help="Seconds to hold each frame of --show.")
+
+
+def sampler_kwargs(steps: int, eps: float, temperature: float, top_p: Optional[float], top_k: Optional[int],
+                   alg: str, alg_temp: Optional[float], seed: int) -> dict:
+    """The shared sampler settings, checked."""
+    for name, value in (("eps", eps), ("temperature", temperature), ("top_p", top_p), ("alg_temp", alg_temp)):
+        check_number(name, value)
+    return dict(steps=steps, eps=eps, temperature=temperature, top_p=top_p, top_k=top_k, alg=alg,
+                alg_temp=alg_temp, seed=seed)
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="Prompt text (special tokens like <|im_start|> allowed)."),
+    model: Optional[Path] = ModelOpt,
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
+    max_new_tokens: int = typer.Option(64, help="Tokens to generate after the prompt."),
+    steps: Optional[int] = StepsOpt, eps: float = EpsOpt, temperature: float = TempOpt,
+    top_p: Optional[float] = TopPOpt, top_k: Optional[int] = TopKOpt, alg: str = AlgOpt,
+    alg_temp: Optional[float] = AlgTempOpt, seed: int = SeedOpt, show: bool = ShowOpt, as_json: bool = JsonOpt,
+    dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt, delay: float = DelayOpt,
+) -> None:
+    """Generate a continuation of PROMPT with Dream's diffusion sampler."""
+    import torch
+
+    from dreamlm.sampling import Constraints, cut_at_eos, diffusion_generate
+    from dreamlm.view import CanvasView
+
+    with user_errors():
+        if not prompt.strip():
+            raise DreamError("the prompt is empty")
+        steps = max_new_tokens if steps is None else steps
+        kwargs = sampler_kwargs(steps, eps, temperature, top_p, top_k, alg, alg_temp, seed)
+        net, tok = load(model, dtype, device)
+        unknown = tok.unknown_specials(prompt)
+        if unknown:
+            raise DreamError(f"unknown special token {unknown[0]} in the prompt")
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
+        ids = tok.encode(text)
+        view = CanvasView(tok, net.config.mask_token_id, len(ids), steps, delay=delay) if show else None
+        # ids past the tokenizer's range can come out of Dream's wider head but mean nothing: never write them
+        banned = list(range(tok.vocab_size, net.config.vocab_size))
+        try:
+            x = diffusion_generate(net, torch.tensor([ids]), max_new_tokens=max_new_tokens,
+                                   generation_tokens_hook_func=view, constraints=Constraints(banned_token_ids=banned),
+                                   **kwargs)
+        finally:
+            if view is not None:
+                view.close()
+        new_ids = cut_at_eos(x[0].tolist()[len(ids):], net.config.eos_token_id)
+        answer = tok.decode(new_ids, skip_special_tokens=False)
+        if as_json:
+            print(json.dumps({"prompt": prompt, "text": answer, "ids": new_ids, **kwargs}))
+        elif not show:
+            print(answer)
+
+
+@app.command()
+def infill(
+    template: str = typer.Argument(..., help="Text with <|mask|> (one token) or <|mask:N|> (N tokens) spans."),
+    model: Optional[Path] = ModelOpt,
+    steps: Optional[int] = StepsOpt, eps: float = EpsOpt, temperature: float = TempOpt,
+    top_p: Optional[float] = TopPOpt, top_k: Optional[int] = TopKOpt, alg: str = AlgOpt,
+    alg_temp: Optional[float] = AlgTempOpt, seed: int = SeedOpt, as_json: bool = JsonOpt,
+    dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt,
+) -> None:
+    """Fill the mask spans of TEMPLATE; everything outside them is kept exactly."""
+    from dreamlm.sampling import infill as run_infill
+
+    with user_errors():
+        if not template.strip():
+            raise DreamError("the template is empty")
+        net, tok = load(model, dtype, device)
+        kwargs = sampler_kwargs(steps or 1, eps, temperature, top_p, top_k, alg, alg_temp, seed)
+        kwargs["steps"] = steps  # None: one step per masked token
+        banned = list(range(tok.vocab_size, net.config.vocab_size)) + [net.config.mask_token_id]
+        result = run_infill(net, tok, template, banned_token_ids=banned, **kwargs)
+        if as_json:
+            print(json.dumps({"template": template, "text": result.text, "fills": result.fills}))
+        else:
+            print(result.text)
+
+
+@app.command()
+def info(model: Path = typer.Argument(..., help="Model directory.")) -> None:
+    """Summarise a checkpoint: shape, parameters, dtype, size (reads headers only)."""
+    from dreamlm.checkpoint import inspect_checkpoint
+
+    with user_errors():
+        ck = inspect_checkpoint(model)
+        c = ck.config
+        table = Table(title=str(model), show_header=False)
+        rows = [
+            ("model_type", c.model_type),
+            ("attention", "causal (AR)" if c.causal else "bidirectional"),
+            ("layers", c.num_hidden_layers),
+            ("hidden / intermediate", f"{c.hidden_size} / {c.intermediate_size}"),
+            ("heads (query / kv, dim)", f"{c.num_attention_heads} / {c.num_key_value_heads}, {c.dim_per_head}"),
+            ("vocab", c.vocab_size),
+            ("context", c.context_length),
+            ("mask / eos / pad / bos", f"{c.mask_token_id} / {c.eos_token_id} / {c.pad_token_id} / {c.bos_token_id}"),
+            ("parameters", f"{ck.num_parameters:,}"),
+            ("dtype", ", ".join(ck.dtypes)),
+            ("size on disk", f"{ck.size_bytes / 2**20:.1f} MiB in {len({e.file for e in ck.tensors.values()})} file(s)"),
+            ("tokenizer", "yes" if ck.has_tokenizer else "no"),
+        ]
+        for key, value in rows:
+            table.add_row(key, str(value))
+        out.print(table)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""DreamConfig: the model's shape and special ids, read from and written to a HF `config.json`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dreamlm.errors import DreamError
+
+# Dream's usable context (prompt + output); longer inputs are refused even if RoPE could reach further.
+DREAM_CONTEXT = 2048
+
+SUPPORTED_MODEL_TYPES = ("Dream", "qwen2")
+
+# Keys a real HF config carries that say nothing about the computation; kept verbatim and written back.
+HF_EXTRAS = frozenset(
+    {
+        "architectures",
+        "auto_map",
+        "torch_dtype",
+        "dtype",
+        "transformers_version",
+        "use_cache",
+        "layer_types",
+        "_name_or_path",
+        "_attn_implementation_autoset",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "use_return_dict",
+        "torchscript",
+        "use_bfloat16",
+        "tie_encoder_decoder",
+        "chunk_size_feed_forward",
+        "is_encoder_decoder",
+        "is_decoder",
+        "add_cross_attention",
+        "pruned_heads",
+        "problem_type",
+        "id2label",
+        "label2id",
+        "tokenizer_class",
+        "prefix",
+        "sep_token_id",
+        "decoder_start_token_id",
+        "task_specific_params",
+        "finetuning_task",
+        "cross_attention_hidden_size",
+    }
+)
+
+
+@dataclass
+class DreamConfig:
+    """Shape, RoPE and special ids of a Dream (bidirectional Qwen2) model; defaults are Dream-v0-7B's."""
+
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 131072
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    rope_scaling: dict | None = None
+    attention_bias: bool = True  # q/k/v bias (Qwen2); o_proj never has one
+    attention_dropout: float = 0.0
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    use_sliding_window: bool = False
+    sliding_window: int | None = None
+    max_window_layers: int = 28
+    mask_token_id: int | None = 151666
+    pad_token_id: int | None = 151643
+    bos_token_id: int | None = 151643
+    eos_token_id: int | None = 151643
+    model_type: str = "Dream"
+    causal: bool = False  # dreamlm extension: True makes the same module an AR baseline
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- derived -------------------------------------------------------------------------------------------
+    @property
+    def dim_per_head(self) -> int:
+        """Head dimension D (explicit `head_dim` or hidden_size / heads)."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def context_length(self) -> int:
+        """Longest canvas (prompt + output) the model accepts."""
+        return min(self.max_position_embeddings, DREAM_CONTEXT)
+
+    # ---- checks --------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise DreamError if the numbers cannot describe a model."""
+        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "max_position_embeddings")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise DreamError(f"config: {name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise DreamError(
+                f"config: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise DreamError(
+                f"config: hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads}) unless head_dim is given"
+            )
+        if self.dim_per_head % 2:
+            raise DreamError(f"config: the head dimension must be even for RoPE, got {self.dim_per_head}")
+        if self.hidden_act != "silu":
+            raise DreamError(f"config: hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+        if self.rope_scaling not in (None, {}) and self.rope_scaling.get("rope_type", self.rope_scaling.get("type")) != "default":
+            raise DreamError(f"config: rope_scaling {self.rope_scaling!r} is not supported (only plain RoPE)")
+        if self.use_sliding_window:
+            raise DreamError("config: use_sliding_window=true is not supported (Dream attends to the whole canvas)")
+        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0 and math.isfinite(self.rope_theta)):
+            raise DreamError(f"config: rope_theta must be a positive number, got {self.rope_theta!r}")
+        if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
+            raise DreamError(f"config: rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
+        for name in ("mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and 0 <= value < self.vocab_size):
+                raise DreamError(f"config: {name}={value!r} is outside the vocabulary (0..{self.vocab_size - 1})")
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise DreamError(
+                f"config: unknown model_type {self.model_type!r}; dreamlm reads {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+
+    # ---- dict / json ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DreamConfig":
+        """Build from a config.json dict; unknown keys are an error, known HF extras pass through."""
+        if not isinstance(data, dict):
+            raise DreamError("config: expected a JSON object")
+        data = dict(data)
+        model_type = data.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise DreamError(
+                f"config: unknown model_type {model_type!r}; dreamlm reads {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        rope = data.pop("rope_parameters", None)  # transformers >= 5 keeps theta and scaling here
+        if isinstance(rope, dict):
+            data.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
+            if rope.get("rope_type", "default") != "default":
+                data.setdefault("rope_scaling", rope)
+        if model_type == "qwen2":
+            data.setdefault("rope_theta", 10000.0)  # Qwen2Config's default, not Dream's
+            data.setdefault("mask_token_id", None)
+            for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+                data.setdefault(name, None)
+        if isinstance(data.get("eos_token_id"), list):  # Qwen2.5 instruct lists several; the first ends text
+            data["extras_eos_token_ids"] = data["eos_token_id"]
+            data["eos_token_id"] = data["eos_token_id"][0]
+        names = {f.name for f in dataclasses.fields(cls)} - {"extras"}
+        known = {k: v for k, v in data.items() if k in names}
+        extras = {k: v for k, v in data.items() if k in HF_EXTRAS or k == "extras_eos_token_ids"}
+        unknown = sorted(set(data) - set(known) - set(extras))
+        if unknown:
+            raise DreamError(f"config: unknown key(s) {', '.join(unknown)}")
+        if known.get("rope_scaling") is not None and not isinstance(known["rope_scaling"], dict):
+            raise DreamError(f"config: rope_scaling must be an object or null, got {known['rope_scaling']!r}")
+        return cls(**known, extras=extras)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config.json dict (Dream's layout; `causal` only when set)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("extras", "causal")}
+        if out["head_dim"] is None:
+            del out["head_dim"]
+        if self.causal:
+            out["causal"] = True
+        extras = dict(self.extras)
+        eos_list = extras.pop("extras_eos_token_ids", None)
+        if eos_list is not None:
+            out["eos_token_id"] = eos_list
+        out.update(extras)
+        if self.model_type == "Dream":
+            out["architectures"] = ["DreamModel"]
+        return dict(sorted(out.items()))
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> "DreamConfig":
+        """Read config.json, with errors that name the file."""
+        path = Path(path)
+        if not path.is_file():
+            raise DreamError(f"no config.json in {path.parent} (is this a model directory?)")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DreamError(f"{path} is not valid JSON: {exc}") from None
+        try:
+            return cls.from_dict(data)
+        except TypeError as exc:  # a value of the wrong JSON type reaching a comparison
+            raise DreamError(f"{path}: bad value ({exc})") from None
+
+    def to_json_file(self, path: str | Path) -> None:
+        """Write config.json."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    def generation_dict(self) -> dict[str, Any]:
+        """The generation_config.json dict: the special ids the sampler needs."""
+        return {
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "mask_token_id": self.mask_token_id,
+        }

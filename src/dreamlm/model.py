@@ -1,0 +1,230 @@
+"""DreamModel: the Qwen2 decoder with bidirectional attention (or causal, for AR baselines).
+
+Shape legend: B batch, L sequence (canvas) length, H query heads, K key/value heads, D head dim, E hidden size,
+V vocabulary. Parameter names are those of HF `Qwen2ForCausalLM`, verbatim, so AR and Dream checkpoints load as-is.
+Logits are *not* shifted here: the output at position i scores the token at i + 1 (see `shift_logits`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dreamlm.config import DreamConfig
+
+if TYPE_CHECKING:
+    from dreamlm.sampling.generate import DreamGenerationOutput
+    from dreamlm.tokenizer import DreamTokenizer
+
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 like Qwen2."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        dtype = h.dtype
+        h = h.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (B, L, D) for the given positions (B, L)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=position_ids.device, dtype=torch.int64).float() / dim))
+    freqs = position_ids.float()[..., None] * inv_freq  # (B, L, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, heads, L, D) by the (B, L, D) tables."""
+    cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query attention through SDPA; q/k/v with bias, o_proj without."""
+
+    def __init__(self, config: DreamConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.dim_per_head
+        E, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(E, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(E, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(E, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, E, bias=False)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                is_causal: bool) -> torch.Tensor:
+        B, L, _ = h.shape
+        q = self.q_proj(h).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
+        k = self.k_proj(h).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, L, D)
+        v = self.v_proj(h).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.n_kv != self.n_heads and not _SDPA_HAS_GQA:
+            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        extra = {"enable_gqa": True} if self.n_kv != self.n_heads and _SDPA_HAS_GQA else {}
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, **extra)  # (B, H, L, D)
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(h)) * up(h))."""
+
+    def __init__(self, config: DreamConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: h + attn(norm(h)), then h + mlp(norm(h))."""
+
+    def __init__(self, config: DreamConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                is_causal: bool) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, is_causal)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DreamBackbone(nn.Module):
+    """Embedding, decoder layers and final norm (HF's `model.` prefix)."""
+
+    def __init__(self, config: DreamConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+def padding_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids (B, L) for a left-padded 0/1 mask: each row's first real token gets 0, pads a dummy 1."""
+    position_ids = attention_mask.long().cumsum(-1) - 1
+    return position_ids.masked_fill(attention_mask == 0, 1)
+
+
+def padding_attention(attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Boolean attention (B, 1, L, L) from a 0/1 mask: real tokens see real tokens, pads only themselves."""
+    keep = attention_mask.bool()
+    allowed = keep[:, None, :, None] & keep[:, None, None, :]
+    L = attention_mask.shape[-1]
+    if causal:
+        allowed = allowed & torch.ones(L, L, dtype=torch.bool, device=keep.device).tril()
+    # a pad row with no allowed key would give NaN from softmax; letting it see itself keeps it finite and harmless
+    return allowed | torch.eye(L, dtype=torch.bool, device=keep.device)
+
+
+class DreamModel(nn.Module):
+    """Dream (bidirectional Qwen2) language model: `forward(x) -> logits (B, L, V)` and `diffusion_generate`."""
+
+    def __init__(self, config: DreamConfig, causal: bool | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.causal = config.causal if causal is None else causal
+        self.model = DreamBackbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tokenizer: DreamTokenizer | None = None  # set by from_pretrained when the directory has one
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the parameters."""
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the parameters."""
+        return self.lm_head.weight.dtype
+
+    def init_weights(self, seed: int | None = None) -> "DreamModel":
+        """Random init as HF does (normal(0, initializer_range), zero biases, unit norms)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.initializer_range
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    w = torch.empty(module.weight.shape).normal_(0.0, std, generator=gen)
+                    module.weight.copy_(w)
+                    if getattr(module, "bias", None) is not None:
+                        module.bias.zero_()
+                elif isinstance(module, RMSNorm):
+                    module.weight.fill_(1.0)
+        return self
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, L, V) for ids (B, L).
+
+        `attention_mask` is a left-padding 0/1 mask (B, L) or a prepared boolean mask (B, 1, L, L); with a 0/1
+        mask and no `position_ids`, positions restart at each row's first real token.
+        """
+        B, L = input_ids.shape
+        mask, is_causal = None, self.causal
+        if attention_mask is not None and attention_mask.dim() == 2:
+            if bool((attention_mask == 0).any()):
+                if position_ids is None:
+                    position_ids = padding_positions(attention_mask)
+                mask, is_causal = padding_attention(attention_mask, self.causal), False
+        elif attention_mask is not None:
+            mask, is_causal = attention_mask.bool(), False
+            if self.causal:
+                mask = mask & torch.ones(L, L, dtype=torch.bool, device=mask.device).tril()
+        if position_ids is None:
+            position_ids = torch.arange(L, device=input_ids.device).expand(B, L)
+        h = self.model.embed_tokens(input_ids)  # (B, L, E)
+        cos, sin = rope_cos_sin(position_ids, self.config.dim_per_head, self.config.rope_theta, h.dtype)
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, mask, is_causal)
+        return self.lm_head(self.model.norm(h))  # (B, L, V)
+
+    def num_parameters(self) -> int:
+        """Number of distinct parameters (a tied head counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    # ---- checkpoints (see checkpoint.py) -------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str | None = None,
+                        device: torch.device | str | None = None, causal: bool | None = None) -> "DreamModel":
+        """Load a HF-format Dream (or Qwen2) directory, materialising each tensor straight into place."""
+        from dreamlm.checkpoint import load_pretrained
+
+        return load_pretrained(path, dtype=dtype, device=device, causal=causal)
+
+    def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB",
+                        tokenizer: "DreamTokenizer | None" = None) -> None:
+        """Write config, generation config, (sharded) safetensors and tokenizer files, each atomically."""
+        from dreamlm.checkpoint import save_pretrained
+
+        save_pretrained(self, path, max_shard_size=max_shard_size, tokenizer=tokenizer or self.tokenizer)
+
+    # ---- sampling (see sampling/generate.py) ---------------------------------------------------------------
+    def diffusion_generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                           **kwargs: Any) -> "torch.Tensor | DreamGenerationOutput":
+        """Dream's sampler; arguments and semantics as `dreamlm.sampling.diffusion_generate`."""
+        from dreamlm.sampling.generate import diffusion_generate
+
+        return diffusion_generate(self, input_ids, attention_mask, **kwargs)
+

@@ -1,0 +1,113 @@
+"""Infilling and format templates: mask spans anywhere in a fixed canvas; the rest is context, never touched.
+
+Template syntax: `<|mask|>` is one token to fill, `<|mask:N|>` is N tokens to fill. Everything else is tokenized as
+written (special tokens such as `<|im_start|>` included) and stays byte-identical in the result.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from dreamlm.errors import DreamError
+from dreamlm.sampling.generate import Constraints, diffusion_generate
+
+if TYPE_CHECKING:
+    from dreamlm.model import DreamModel
+    from dreamlm.tokenizer import DreamTokenizer
+
+MASK_SPAN = re.compile(r"<\|mask(?::(\d+))?\|>")
+MAX_SPAN = 4096
+
+
+@dataclass
+class Template:
+    """A tokenized template: canvas ids with mask slots, and the (start, end) of each span."""
+
+    ids: list[int]
+    spans: list[tuple[int, int]]
+
+
+@dataclass
+class InfillResult:
+    """The filled canvas, its text, and the text generated for each span."""
+
+    ids: list[int]
+    text: str
+    fills: list[str]
+    spans: list[tuple[int, int]]
+
+
+def parse_template(tokenizer: "DreamTokenizer", template: str, mask_token_id: int,
+                   bos_token_id: int | None = None) -> Template:
+    """Tokenize a template, expanding `<|mask:N|>` into N mask slots; prepend BOS if it starts with a mask."""
+    unknown = [m for m in tokenizer.unknown_specials(template) if not MASK_SPAN.fullmatch(m)]
+    if unknown:
+        raise DreamError(f"unknown special token {unknown[0]} in the template (mask spans are <|mask|> or <|mask:N|>)")
+    ids: list[int] = []
+    spans: list[tuple[int, int]] = []
+    pos = 0
+    for match in MASK_SPAN.finditer(template):
+        if match.start() > pos:
+            ids.extend(tokenizer.encode(template[pos:match.start()]))
+        n = int(match.group(1)) if match.group(1) is not None else 1
+        if not 1 <= n <= MAX_SPAN:
+            raise DreamError(f"{match.group(0)}: a span needs 1..{MAX_SPAN} tokens")
+        spans.append((len(ids), len(ids) + n))
+        ids.extend([mask_token_id] * n)
+        pos = match.end()
+    if pos < len(template):
+        ids.extend(tokenizer.encode(template[pos:]))
+    if not spans:
+        raise DreamError("the template has no mask span; mark what to fill with <|mask|> or <|mask:N|>")
+    if ids[0] == mask_token_id:
+        if bos_token_id is None:
+            raise DreamError("the template starts with a mask, which can never be predicted, and this model has "
+                             "no BOS token to put before it; start the template with some text")
+        ids.insert(0, bos_token_id)
+        spans = [(a + 1, b + 1) for a, b in spans]
+    return Template(ids, spans)
+
+
+def json_template(fields: dict[str, int | str]) -> str:
+    """A JSON-object template: each value is a masked span (an int is its token count) or fixed text."""
+    parts = []
+    for key, value in fields.items():
+        slot = f"<|mask:{value}|>" if isinstance(value, int) else json.dumps(value)
+        parts.append(f"{json.dumps(key)}: {slot}")
+    return "{" + ", ".join(parts) + "}"
+
+
+def cut_at_eos(ids: list[int], eos_token_id: int | None, start: int = 0) -> list[int]:
+    """ids up to (not including) the first EOS at or after `start`."""
+    if eos_token_id is None:
+        return list(ids)
+    for i in range(start, len(ids)):
+        if ids[i] == eos_token_id:
+            return list(ids[:i])
+    return list(ids)
+
+
+def infill(model: "DreamModel", tokenizer: "DreamTokenizer", template: str, steps: int | None = None,
+           banned_token_ids: list[int] | None = None, **kwargs: Any) -> InfillResult:
+    """Fill the template's mask spans with `diffusion_generate`; text outside the spans is kept exactly.
+
+    `steps` defaults to the number of masked tokens; other keyword arguments go to `diffusion_generate`.
+    """
+    mask_id = model.config.mask_token_id
+    if mask_id is None:
+        raise DreamError("the model config has no mask_token_id; it cannot infill")
+    bos = model.config.bos_token_id if model.config.bos_token_id is not None else tokenizer.bos_token_id
+    tpl = parse_template(tokenizer, template, mask_id, bos)
+    n_masked = sum(b - a for a, b in tpl.spans)
+    canvas = torch.tensor([tpl.ids], dtype=torch.long)
+    constraints = Constraints(banned_token_ids=list(banned_token_ids or []))
+    out = diffusion_generate(model, canvas, max_length=len(tpl.ids), steps=steps or n_masked,
+                             constraints=constraints, **kwargs)
+    ids = out[0].tolist() if isinstance(out, torch.Tensor) else out.sequences[0].tolist()
+    fills = [tokenizer.decode(ids[a:b]) for a, b in tpl.spans]
+    return InfillResult(ids=ids, text=tokenizer.decode(ids), fills=fills, spans=tpl.spans)

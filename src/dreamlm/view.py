@@ -1,0 +1,64 @@
+"""Live terminal view of a canvas denoising: masks (░) turn into tokens, in whatever order the sampler picks."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import torch
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.text import Text
+
+if TYPE_CHECKING:
+    from dreamlm.tokenizer import DreamTokenizer
+
+MASK_GLYPH = "░"
+
+
+class CanvasView:
+    """A tokens hook for `diffusion_generate` that redraws row 0 of the canvas after every step."""
+
+    def __init__(self, tokenizer: "DreamTokenizer", mask_token_id: int, start: int, steps: int,
+                 console: Console | None = None, delay: float = 0.0, title: str = "dreamlm") -> None:
+        self.tokenizer, self.mask_token_id, self.start, self.steps = tokenizer, mask_token_id, start, steps
+        self.console = console or Console()
+        self.delay, self.title = delay, title
+        self.previous: list[int] | None = None
+        self.live: Live | None = None
+
+    def render(self, ids: list[int], step: int | None) -> Panel:
+        """One frame: context dim, new tokens highlighted, masks as glyphs."""
+        text = Text()
+        text.append(self.tokenizer.decode(ids[: self.start]), style="dim")
+        for pos in range(self.start, len(ids)):
+            token = ids[pos]
+            if token == self.mask_token_id:
+                text.append(MASK_GLYPH, style="grey50")
+                continue
+            fresh = self.previous is not None and self.previous[pos] == self.mask_token_id
+            text.append(self.tokenizer.decode([token]), style="bold green" if fresh else "")
+        masks = sum(1 for t in ids[self.start:] if t == self.mask_token_id)
+        label = "start" if step is None else f"step {step + 1}/{self.steps}"
+        footer = Text(f"{label} · {masks} masks left", style="cyan")
+        return Panel(Group(text, footer), title=self.title, border_style="blue")
+
+    def __call__(self, step: int | None, x: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
+        ids = x[0].tolist()
+        frame = self.render(ids, step)
+        if self.live is None:
+            self.live = Live(frame, console=self.console, refresh_per_second=30, transient=False)
+            self.live.start()
+        else:
+            self.live.update(frame, refresh=True)
+        self.previous = ids
+        if self.delay:
+            time.sleep(self.delay)
+        return x
+
+    def close(self) -> None:
+        """Stop the live display (the last frame stays on screen)."""
+        if self.live is not None:
+            self.live.stop()
+            self.live = None

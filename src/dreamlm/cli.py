@@ -104,6 +104,8 @@ def generate(
     with user_errors():
         if not prompt.strip():
             raise DreamError("the prompt is empty")
+        if max_new_tokens < 1:
+            raise DreamError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
         steps = max_new_tokens if steps is None else steps
         kwargs = sampler_kwargs(steps, eps, temperature, top_p, top_k, alg, alg_temp, seed)
         net, tok = load(model, dtype, device)

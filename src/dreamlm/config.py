@@ -179,6 +179,8 @@ class DreamConfig:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("extras", "causal")}
         if out["head_dim"] is None:
             del out["head_dim"]
+        if out["attention_bias"]:  # Qwen2's layout has no such key: bias is implied
+            del out["attention_bias"]
         if self.causal:
             out["causal"] = True
         extras = dict(self.extras)

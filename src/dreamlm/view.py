@@ -62,3 +62,5 @@ class CanvasView:
         if self.live is not None:
             self.live.stop()
             self.live = None
+            if not self.console.is_terminal:  # rich leaves the last frame unterminated when piped
+                self.console.line()

@@ -76,14 +76,17 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
-    """Read config and safetensors headers of a model directory, with errors that say what is wrong."""
+def inspect_checkpoint(path: str | Path, config: DreamConfig | None = None) -> CheckpointInfo:
+    """Read config and safetensors headers of a model directory, with errors that say what is wrong.
+
+    `config` replaces the directory's config.json (conversion reads AR configs itself)."""
     path = Path(path)
     if not path.exists():
         raise DreamError(f"model directory {path} does not exist")
     if not path.is_dir():
         raise DreamError(f"{path} is not a directory (expected a model directory with config.json)")
-    config = DreamConfig.from_json_file(path / "config.json")
+    if config is None:
+        config = DreamConfig.from_json_file(path / "config.json")
     if (path / INDEX_FILE).is_file():
         try:
             index = json.loads((path / INDEX_FILE).read_text(encoding="utf-8"))
@@ -149,7 +152,12 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
                     causal: bool | None = None) -> DreamModel:
     """Load a model directory; each tensor is read once and placed directly (peak RAM ≈ model + one tensor)."""
-    info = inspect_checkpoint(path)
+    return load_from_info(inspect_checkpoint(path), dtype=dtype, device=device, causal=causal)
+
+
+def load_from_info(info: CheckpointInfo, dtype: torch.dtype | str | None = None,
+                   device: torch.device | str | None = None, causal: bool | None = None) -> DreamModel:
+    """Materialise the model an inspected checkpoint describes."""
     dtype = resolve_dtype(dtype)
     device = torch.device(device) if device is not None else torch.device("cpu")
     with torch.device("meta"):
@@ -251,3 +259,76 @@ def save_pretrained(model: DreamModel, path: str | Path, max_shard_size: int | s
             stale.unlink()
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
+
+
+# ---- AR -> diffusion conversion ---------------------------------------------------------------------------------
+LLAMA_ONLY_KEYS = {"mlp_bias", "pretraining_tp", "head_dim", "attention_bias"}
+
+
+def ar_config_to_dream(data: dict) -> dict:
+    """A causal Qwen2 / Llama config.json dict → Dream's (same module tree; Llama has no q/k/v bias)."""
+    kind = data.get("model_type")
+    if kind not in ("qwen2", "llama"):
+        raise DreamError(f"convert reads causal qwen2 or llama checkpoints, not model_type {kind!r}")
+    out = dict(data)
+    if kind == "llama":
+        if out.pop("mlp_bias", False):
+            raise DreamError("this Llama has MLP biases (mlp_bias=true), which the Qwen2 block has no place for")
+        if out.pop("pretraining_tp", 1) not in (1, None):
+            raise DreamError("pretraining_tp != 1 is not supported")
+        out["attention_bias"] = bool(out.get("attention_bias", False))
+        for key in ("rope_scaling", "rope_parameters"):
+            rope = out.get(key)
+            if isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) != "default":
+                raise DreamError(f"Llama {key} {rope!r} is not supported (plain RoPE only): refusing rather than "
+                                 "producing a model whose positions differ from the original")
+        out.setdefault("max_window_layers", out.get("num_hidden_layers", 0))
+    out["model_type"] = "Dream"
+    out.pop("causal", None)
+    return out
+
+
+def convert_ar_checkpoint(src: str | Path, dst: str | Path, mask_token: str = "<|mask|>",
+                          max_shard_size: int | str = "5GB") -> DreamModel:
+    """Turn a HF causal Qwen2/Llama directory into a Dream-format one: same weights, bidirectional, a mask token.
+
+    The mask token is reused when the tokenizer has it; otherwise it is added as the next id, taking an unused
+    embedding row if the matrix is wider than the tokenizer or growing embedding and head by one row (initialised to
+    the mean row) if not. Existing rows of the head are never changed, so the causal logits are the source's.
+    """
+    src, dst = Path(src), Path(dst)
+    if not (src / "config.json").is_file():
+        raise DreamError(f"no config.json in {src}")
+    raw = DreamTokenizer._read_json(src / "config.json")
+    config = DreamConfig.from_dict(ar_config_to_dream(raw))
+    if not has_tokenizer_files(src):
+        raise DreamError(f"{src} has no tokenizer files; convert needs them to place the mask token")
+    tokenizer = DreamTokenizer.from_pretrained(src)
+    mask_id = tokenizer.token_to_id(mask_token)
+    if mask_id is None:
+        mask_id = tokenizer.add_special_token(mask_token)
+    config.mask_token_id = None  # set after the weights are placed
+    # load through the normal path (peak RAM ≈ one model), from a config that says Dream
+    model = load_from_info(inspect_checkpoint(src, config), causal=False)
+    with torch.no_grad():
+        embed = model.model.embed_tokens.weight
+        if mask_id >= config.vocab_size:
+            grow = mask_id + 1 - config.vocab_size
+            model.model.embed_tokens.weight = nn.Parameter(
+                torch.cat([embed, embed.mean(0, keepdim=True).expand(grow, -1)]))
+            head = model.lm_head.weight
+            model.lm_head.weight = nn.Parameter(torch.cat([head, head.mean(0, keepdim=True).expand(grow, -1)]))
+            if config.tie_word_embeddings:
+                model.lm_head.weight = model.model.embed_tokens.weight
+            config.vocab_size = mask_id + 1
+        elif not config.tie_word_embeddings:
+            embed[mask_id] = embed.mean(0)  # an unused input row: give it a neutral start
+    config.mask_token_id = mask_id
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if getattr(config, name) is None:
+            setattr(config, name, tokenizer.eos_token_id)
+    config.validate()
+    model.config = config
+    model.save_pretrained(dst, max_shard_size=max_shard_size, tokenizer=tokenizer)
+    model.tokenizer = tokenizer
+    return model

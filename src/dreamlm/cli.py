@@ -186,6 +186,46 @@ def info(model: Path = typer.Argument(..., help="Model directory.")) -> None:
         out.print(table)
 
 
+@app.command()
+def train(
+    config: Optional[Path] = typer.Argument(None, help="TOML config (see dreamlm.training.config for every key)."),
+    set_: list[str] = typer.Option([], "--set", help="Override one key: section.key=value (repeatable)."),
+    objective: Optional[str] = typer.Option(None, help="diffusion or ar (objective.kind)."),
+    stage: Optional[str] = typer.Option(None, help="pretrain or sft (data.stage)."),
+    out_dir: Optional[str] = typer.Option(None, help="Run directory (run.out_dir)."),
+    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (optim.max_steps)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in out_dir from its latest checkpoint."),
+) -> None:
+    """Train a diffusion (or AR baseline) model; under torchrun it shards with FSDP2."""
+    from dreamlm.training.config import TrainConfig
+    from dreamlm.training.trainer import train as run_training
+
+    with user_errors():
+        overrides = list(set_)
+        for key, value in (("objective.kind", objective), ("data.stage", stage), ("run.out_dir", out_dir),
+                           ("optim.max_steps", max_steps)):
+            if value is not None:
+                overrides.append(f"{key}={value}")
+        cfg = TrainConfig.load(config, overrides)
+        path = run_training(cfg, resume=resume)
+        if path is not None:
+            out.print(f"model written to {path}")
+
+
+@app.command()
+def convert(
+    source: Path = typer.Argument(..., help="HF causal Qwen2/Qwen2.5/Llama directory."),
+    target: Path = typer.Argument(..., help="Where to write the Dream-format directory."),
+    max_shard_size: str = typer.Option("5GB", help="Largest weight file."),
+) -> None:
+    """Convert an autoregressive checkpoint into a Dream-format diffusion checkpoint (AR initialisation)."""
+    from dreamlm.checkpoint import convert_ar_checkpoint
+
+    with user_errors():
+        model = convert_ar_checkpoint(source, target, max_shard_size=max_shard_size)
+        out.print(f"wrote {target} (mask token id {model.config.mask_token_id}, vocab {model.config.vocab_size})")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dreamlm.config import DreamConfig
 
@@ -148,6 +149,7 @@ class DreamModel(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.tokenizer: DreamTokenizer | None = None  # set by from_pretrained when the directory has one
+        self.activation_checkpointing = False  # recompute each block in backward (training memory for time)
 
     @property
     def device(self) -> torch.device:
@@ -175,11 +177,13 @@ class DreamModel(nn.Module):
         return self
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, L, V) for ids (B, L).
+                position_ids: torch.Tensor | None = None,
+                select: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits (B, L, V) for ids (B, L); with `select=(rows, cols)` only those positions' logits (M, V).
 
         `attention_mask` is a left-padding 0/1 mask (B, L) or a prepared boolean mask (B, 1, L, L); with a 0/1
-        mask and no `position_ids`, positions restart at each row's first real token.
+        mask and no `position_ids`, positions restart at each row's first real token. `select` saves the head's
+        cost where a loss needs few positions (it is an argument, not a method, so FSDP's hooks still run).
         """
         B, L = input_ids.shape
         mask, is_causal = None, self.causal
@@ -197,8 +201,14 @@ class DreamModel(nn.Module):
         h = self.model.embed_tokens(input_ids)  # (B, L, E)
         cos, sin = rope_cos_sin(position_ids, self.config.dim_per_head, self.config.rope_theta, h.dtype)
         for layer in self.model.layers:
-            h = layer(h, cos, sin, mask, is_causal)
-        return self.lm_head(self.model.norm(h))  # (B, L, V)
+            if self.activation_checkpointing and self.training:
+                h = checkpoint(layer, h, cos, sin, mask, is_causal, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, is_causal)
+        h = self.model.norm(h)
+        if select is not None:
+            h = h[select]  # (M, E)
+        return self.lm_head(h)  # (B, L, V) or (M, V)
 
     def num_parameters(self) -> int:
         """Number of distinct parameters (a tied head counted once)."""

@@ -21,7 +21,6 @@ from dreamlm.errors import DreamError
 # Qwen2's pre-tokenization split (a fact of the format, the same regex every Qwen2 tokenizer uses).
 QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 SPECIAL_PATTERN = re.compile(r"<\|[^<>|\s]*\|>")
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 MASK = "<|mask|>"
 ENDOFTEXT = "<|endoftext|>"
 
@@ -113,18 +112,30 @@ class DreamTokenizer:
         return data
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Write the tokenizer files: the loaded originals when there are some, else tokenizer.json + config."""
+        """Write the tokenizer in the layout it came in: vocab.json + merges.txt stay as they were (Dream-v0),
+        anything else as tokenizer.json; tokenizer_config.json always carries the current specials."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        copied = False
-        if self.source is not None and self.source.resolve() != path.resolve():
-            for name in TOKENIZER_FILES:
-                if (self.source / name).is_file():
-                    shutil.copyfile(self.source / name, path / name)
-                    copied = True
-        if not copied and not has_tokenizer_files(path):
+        src = self.source
+        bpe_files = src is not None and not (src / "tokenizer.json").is_file() and has_tokenizer_files(src)
+        if bpe_files and src.resolve() != path.resolve():
+            for name in ("vocab.json", "merges.txt", "special_tokens_map.json"):
+                if (src / name).is_file():
+                    shutil.copyfile(src / name, path / name)
+        elif not bpe_files:
             self._tok.save(str(path / "tokenizer.json"))
-            (path / "tokenizer_config.json").write_text(json.dumps(self.config, indent=2) + "\n", encoding="utf-8")
+        (path / "tokenizer_config.json").write_text(json.dumps(self.config, indent=2) + "\n", encoding="utf-8")
+
+    def add_special_token(self, content: str) -> int:
+        """Add a special token as the next id (recorded in tokenizer_config.json); returns its id."""
+        self._tok.add_special_tokens([AddedToken(content, special=True, normalized=False)])
+        token_id = self._tok.token_to_id(content)
+        decoder = self.config.setdefault("added_tokens_decoder", {})
+        decoder[str(token_id)] = {"content": content, "special": True, "normalized": False, "lstrip": False,
+                                  "rstrip": False, "single_word": False}
+        if content == MASK:
+            self.config["mask_token"] = content
+        return token_id
 
     # ---- ids -----------------------------------------------------------------------------------------------
     @property

@@ -1,0 +1,1 @@
+"""Training: objectives, data, the train loop (single process or torchrun + FSDP2), AR -> diffusion conversion."""

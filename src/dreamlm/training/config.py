@@ -1,0 +1,218 @@
+"""TrainConfig: every setting of `dreamlm train`, read from a TOML file and `section.key=value` overrides.
+
+Sections and keys (all optional except data.train):
+
+[model]      init_from (Dream/Qwen2 dir to start from; "" = random init), tokenizer (dir with tokenizer files),
+             char_alphabet (build a character tokenizer from these characters instead), hidden_size, layers,
+             heads, kv_heads, intermediate_size (0 = 8/3·hidden rounded to 64), context (max positions)
+[data]       stage ("pretrain": packed text/JSONL "text"; "sft": JSONL prompt/response, input/output or messages),
+             train (list of files), valid (list of files), seq_len, chat (apply the chat template to prompts),
+             separator (text appended to each prompt, e.g. "<|sep|>"), random_truncation (cut each SFT batch's
+             padded tail at a random length)
+[objective]  kind ("diffusion" or "ar"), weighting ("elbo" = 1/t, "linear", "cart", "none"), cart_p,
+             focal_gamma (0 = off), focal_alpha, eps
+[optim]      lr, min_lr_ratio (cosine floor as a fraction of lr), weight_decay, beta1, beta2, warmup_steps,
+             max_steps, batch_size (per process, per micro-step), grad_accum, clip (0 = off)
+[run]        out_dir, seed, log_every, eval_every, eval_batches, save_every, keep_checkpoints, device ("auto",
+             "cpu", "cuda"), compile, activation_checkpointing, export_dtype ("bfloat16", "float32", "float16"),
+             progress (show the progress bar), stop_at (end the process after this step, as if interrupted;
+             0 = never), rank_summaries (each rank writes its losses and a weight checksum: for tests)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dreamlm.errors import DreamError
+
+
+@dataclass
+class ModelSection:
+    init_from: str = ""
+    tokenizer: str = ""
+    char_alphabet: str = ""
+    hidden_size: int = 256
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 4
+    intermediate_size: int = 0
+    context: int = 512
+
+
+@dataclass
+class DataSection:
+    stage: str = "pretrain"
+    train: list[str] = field(default_factory=list)
+    valid: list[str] = field(default_factory=list)
+    seq_len: int = 256
+    chat: bool = False
+    separator: str = ""
+    random_truncation: bool = False
+
+
+@dataclass
+class ObjectiveSection:
+    kind: str = "diffusion"
+    weighting: str = "elbo"
+    cart_p: float = 0.1
+    focal_gamma: float = 0.0
+    focal_alpha: float = 0.25
+    eps: float = 1e-3
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_steps: int = 100
+    max_steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    clip: float = 1.0
+
+
+@dataclass
+class RunSection:
+    out_dir: str = "runs/default"
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 8
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    device: str = "auto"
+    compile: bool = False
+    activation_checkpointing: bool = False
+    export_dtype: str = "bfloat16"
+    progress: bool = True
+    stop_at: int = 0
+    rank_summaries: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """All settings of one training run."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        """Strict: an unknown section or key is an error naming it."""
+        cfg = cls()
+        for section, values in data.items():
+            if section not in {f.name for f in dataclasses.fields(cls)}:
+                raise DreamError(f"train config: unknown section [{section}]")
+            if not isinstance(values, dict):
+                raise DreamError(f"train config: [{section}] must be a table")
+            for key, value in values.items():
+                cfg.set(f"{section}.{key}", value)
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path | None, overrides: list[str] | None = None) -> "TrainConfig":
+        """Read a TOML file (or start from defaults) and apply `section.key=value` overrides."""
+        data: dict[str, Any] = {}
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise DreamError(f"train config {path} does not exist")
+            try:
+                data = tomllib.loads(path.read_text(encoding="utf-8"))
+            except tomllib.TOMLDecodeError as exc:
+                raise DreamError(f"train config {path} is not valid TOML: {exc}") from None
+        cfg = cls.from_dict(data)
+        for item in overrides or []:
+            if "=" not in item:
+                raise DreamError(f"override {item!r} must look like section.key=value")
+            key, raw = item.split("=", 1)
+            cfg.set(key.strip(), raw, from_text=True)
+        cfg.validate()
+        return cfg
+
+    def set(self, dotted: str, value: Any, from_text: bool = False) -> None:
+        """Set `section.key`, converting and type-checking the value."""
+        section_name, _, key = dotted.partition(".")
+        section = getattr(self, section_name, None)
+        if section is None or not dataclasses.is_dataclass(section):
+            raise DreamError(f"train config: unknown section in {dotted!r}")
+        fields = {f.name: f for f in dataclasses.fields(section)}
+        if key not in fields:
+            raise DreamError(f"train config: unknown key {dotted!r}")
+        kind = typing.get_type_hints(type(section))[key]
+        setattr(section, key, _convert(dotted, value, kind, from_text))
+
+    def validate(self) -> None:
+        """Check ranges and choices, with messages that name the key."""
+        checks = [
+            (self.data.stage in ("pretrain", "sft"), "data.stage must be 'pretrain' or 'sft'"),
+            (self.objective.kind in ("diffusion", "ar"), "objective.kind must be 'diffusion' or 'ar'"),
+            (bool(self.data.train), "data.train must list at least one file"),
+            (self.data.seq_len >= 2, "data.seq_len must be >= 2"),
+            (self.optim.lr > 0, "optim.lr must be > 0"),
+            (0 <= self.optim.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]"),
+            (self.optim.max_steps >= 1, "optim.max_steps must be >= 1"),
+            (self.optim.batch_size >= 1 and self.optim.grad_accum >= 1, "optim.batch_size and grad_accum must be >= 1"),
+            (self.optim.warmup_steps >= 0 and self.optim.clip >= 0, "optim.warmup_steps and clip must be >= 0"),
+            (self.run.log_every >= 1 and self.run.eval_every >= 1 and self.run.save_every >= 1,
+             "run.log_every, eval_every and save_every must be >= 1"),
+            (self.run.export_dtype in ("bfloat16", "float32", "float16"), "run.export_dtype must be a float dtype"),
+            (self.run.device in ("auto", "cpu", "cuda") or self.run.device.startswith("cuda:"),
+             "run.device must be auto, cpu or cuda[:N]"),
+            (self.model.hidden_size % max(self.model.heads, 1) == 0, "model.hidden_size must divide by model.heads"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise DreamError(f"train config: {message}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (for the run directory's record)."""
+        return dataclasses.asdict(self)
+
+
+def _convert(dotted: str, value: Any, kind: Any, from_text: bool) -> Any:
+    try:
+        if kind is bool:
+            if from_text:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                return value.lower() in ("true", "1")
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if kind is int:
+            if isinstance(value, bool):
+                raise ValueError
+            return int(value) if from_text else _exact(value, int)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind is str:
+            return str(value) if from_text else _exact(value, str)
+        if typing.get_origin(kind) is list:
+            if from_text:
+                return [v for v in value.split(",") if v]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError
+            return value
+    except (ValueError, TypeError, AttributeError):
+        pass
+    raise DreamError(f"train config: bad value {value!r} for {dotted}")
+
+
+def _exact(value: Any, kind: type) -> Any:
+    if not isinstance(value, kind):
+        raise ValueError
+    return value

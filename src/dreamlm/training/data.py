@@ -1,0 +1,233 @@
+"""Training data: packed pretraining blocks (streamed from text/JSONL files), SFT and puzzle examples, and a
+character tokenizer for puzzles. Every source is deterministic given (seed, position) and resumes exactly.
+
+A batch is `Batch(x (B, L), maskable (B, L), ar_targets (B, L), index (B,))`: `maskable` is what the diffusion
+forward process may mask, `ar_targets` what an AR baseline is trained to predict, `index` the global example number
+(the trainer seeds each example's noise with it, so results do not depend on how batches are split over ranks).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers
+from tokenizers.models import WordLevel
+
+from dreamlm.errors import DreamError
+from dreamlm.tokenizer import DreamTokenizer
+
+CHAR_SPECIALS = ["<|pad|>", "<|endoftext|>", "<|mask|>", "<|sep|>"]
+
+
+def char_tokenizer(alphabet: str) -> DreamTokenizer:
+    """One id per character of `alphabet` after the specials <|pad|> <|endoftext|> <|mask|> <|sep|>."""
+    chars = sorted(set(alphabet))
+    vocab = {tok: i for i, tok in enumerate(CHAR_SPECIALS)}
+    for ch in chars:
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(WordLevel(vocab, unk_token="<|pad|>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in CHAR_SPECIALS])
+    config = {"eos_token": "<|endoftext|>", "pad_token": "<|pad|>", "mask_token": "<|mask|>",
+              "sep_token": "<|sep|>", "tokenizer_class": "CharTokenizer", "alphabet": "".join(chars)}
+    return DreamTokenizer(tok, config)
+
+
+@dataclass
+class Batch:
+    """One micro-batch of token ids with its masking rules."""
+
+    x: torch.Tensor
+    maskable: torch.Tensor
+    ar_targets: torch.Tensor
+    index: torch.Tensor
+
+
+def read_documents(files: list[Path]) -> Iterator[str]:
+    """Texts of the files in order: a .jsonl line's "text" (or the whole line's string), else the whole file."""
+    for file in files:
+        if not file.is_file():
+            raise DreamError(f"data file {file} does not exist")
+        if file.suffix == ".jsonl":
+            with file.open(encoding="utf-8") as fh:
+                for n, line in enumerate(fh, start=1):
+                    if line.strip():
+                        try:
+                            obj = json.loads(line)
+                        except json.JSONDecodeError:
+                            raise DreamError(f"{file} line {n} is not JSON") from None
+                        yield obj["text"] if isinstance(obj, dict) else str(obj)
+        else:
+            yield file.read_text(encoding="utf-8", errors="replace")
+
+
+class PackedBlocks:
+    """Pretraining stream: documents (shuffled per epoch) → ids + EOS → packed blocks of `seq_len`, endlessly.
+
+    Streaming: only one document and one block are held at a time. Position 0 of a block is never maskable.
+    """
+
+    def __init__(self, files: list[Path], tokenizer: DreamTokenizer, seq_len: int, seed: int = 0,
+                 rank: int = 0, world: int = 1) -> None:
+        if seq_len < 2:
+            raise DreamError("seq_len must be at least 2")
+        if not files:
+            raise DreamError("no training files given")
+        self.files, self.tokenizer, self.seq_len, self.seed = list(files), tokenizer, seq_len, seed
+        self.rank, self.world = rank, world
+        self.eos = tokenizer.eos_token_id
+        if self.eos is None:
+            raise DreamError("the tokenizer has no EOS token to separate documents")
+        self.emitted = 0  # blocks handed out (all ranks), the resume position
+        self._stream: Iterator[list[int]] | None = None
+
+    def _blocks(self) -> Iterator[list[int]]:
+        epoch = 0
+        while True:
+            order = list(range(len(self.files)))
+            random.Random(self.seed * 1000003 + epoch).shuffle(order)
+            buf: list[int] = []
+            produced = False
+            for doc in read_documents([self.files[i] for i in order]):
+                buf.extend(self.tokenizer.encode(doc) + [self.eos])
+                while len(buf) >= self.seq_len:
+                    yield buf[: self.seq_len]
+                    buf = buf[self.seq_len:]
+                    produced = True
+            if not produced:
+                raise DreamError(f"the training files hold fewer than seq_len={self.seq_len} tokens")
+            epoch += 1
+
+    def next_batch(self, batch_size: int) -> Batch:
+        """The next `batch_size` blocks of this rank (each global block goes to rank = index % world)."""
+        if self._stream is None:
+            self._stream = self._blocks()
+            for _ in range(self.emitted):  # replay to the resume position: exact, costs one pass of tokenizing
+                next(self._stream)
+        rows, index = [], []
+        while len(rows) < batch_size:
+            block = next(self._stream)
+            if self.emitted % self.world == self.rank:
+                rows.append(block)
+                index.append(self.emitted)
+            self.emitted += 1
+        x = torch.tensor(rows, dtype=torch.long)
+        maskable = torch.ones_like(x, dtype=torch.bool)
+        maskable[:, 0] = False
+        return Batch(x, maskable, maskable.clone(), torch.tensor(index))
+
+    def state_dict(self) -> dict:
+        """Resume position."""
+        return {"emitted": self.emitted}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position."""
+        self.emitted, self._stream = int(state["emitted"]), None
+
+
+@dataclass
+class Example:
+    """A prompt (never masked) and a response (masked and trained, EOS included)."""
+
+    prompt: list[int]
+    response: list[int]
+
+
+def read_examples(file: Path, tokenizer: DreamTokenizer, chat: bool, separator: str = "") -> list[Example]:
+    """JSONL of {"prompt","response"}, {"input","output"} or {"messages": [...]} → token examples (+EOS)."""
+    if not file.is_file():
+        raise DreamError(f"data file {file} does not exist")
+    eos = tokenizer.eos_token_id
+    out = []
+    with file.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                raise DreamError(f"{file} line {n} is not JSON") from None
+            if "messages" in obj:
+                msgs = obj["messages"]
+                if not msgs or msgs[-1].get("role") != "assistant":
+                    raise DreamError(f"{file} line {n}: the last message must be the assistant's")
+                prompt_msgs, response = msgs[:-1], msgs[-1]["content"]
+            elif "prompt" in obj and "response" in obj:
+                prompt_msgs, response = [{"role": "user", "content": obj["prompt"]}], obj["response"]
+            elif "input" in obj and "output" in obj:
+                prompt_msgs, response = [{"role": "user", "content": obj["input"]}], obj["output"]
+            else:
+                raise DreamError(f"{file} line {n}: expected prompt/response, input/output or messages")
+            if chat:
+                prompt = tokenizer.apply_chat_template(prompt_msgs)
+            else:
+                prompt = "".join(m["content"] for m in prompt_msgs)
+            out.append(Example(tokenizer.encode(prompt + separator), tokenizer.encode(response) + [eos]))
+    if not out:
+        raise DreamError(f"{file} holds no examples")
+    return out
+
+
+class ExampleBatches:
+    """SFT/puzzle batches: shuffled per epoch, right-padded to `seq_len` (pad tail maskable, as Dream trains EOS
+    filling), optionally truncated per batch at a random length to curb the short-answer bias."""
+
+    def __init__(self, examples: list[Example], seq_len: int, pad_token_id: int, seed: int = 0,
+                 random_truncation: bool = False, rank: int = 0, world: int = 1) -> None:
+        too_long = [i for i, e in enumerate(examples) if len(e.prompt) + len(e.response) > seq_len]
+        if too_long:
+            e = examples[too_long[0]]
+            raise DreamError(f"{len(too_long)} example(s) do not fit seq_len={seq_len} (the first, #{too_long[0]}, "
+                             f"needs {len(e.prompt) + len(e.response)}); raise seq_len")
+        if any(not e.prompt for e in examples):
+            raise DreamError("an example has an empty prompt (position 0 must be a real token)")
+        self.examples, self.seq_len, self.pad = examples, seq_len, pad_token_id
+        self.seed, self.random_truncation, self.rank, self.world = seed, random_truncation, rank, world
+        self.emitted = 0
+        self._cached: tuple[int, list[int]] = (-1, [])
+
+    def _order(self, epoch: int) -> list[int]:
+        if self._cached[0] != epoch:
+            order = list(range(len(self.examples)))
+            random.Random(self.seed * 1000003 + epoch).shuffle(order)
+            self._cached = (epoch, order)
+        return self._cached[1]
+
+    def next_batch(self, batch_size: int) -> Batch:
+        """The next `batch_size` examples of this rank."""
+        start = self.emitted  # the same on every rank: all ranks count every example
+        chosen: list[tuple[int, Example]] = []
+        while len(chosen) < batch_size:
+            epoch, pos = divmod(self.emitted, len(self.examples))
+            if self.emitted % self.world == self.rank:
+                chosen.append((self.emitted, self.examples[self._order(epoch)[pos]]))
+            self.emitted += 1
+        x = torch.full((batch_size, self.seq_len), self.pad, dtype=torch.long)
+        maskable = torch.zeros_like(x, dtype=torch.bool)
+        ar = torch.zeros_like(maskable)
+        longest = 0
+        for row, (_, e) in enumerate(chosen):
+            p, r = len(e.prompt), len(e.response)
+            x[row, :p] = torch.tensor(e.prompt)
+            x[row, p:p + r] = torch.tensor(e.response)
+            maskable[row, p:] = True
+            ar[row, p:p + r] = True
+            longest = max(longest, p + r)
+        if self.random_truncation and longest < self.seq_len:
+            cut = random.Random(self.seed * 7919 + start).randint(longest, self.seq_len)
+            x, maskable, ar = x[:, :cut], maskable[:, :cut], ar[:, :cut]
+        return Batch(x, maskable, ar, torch.tensor([i for i, _ in chosen]))
+
+    def state_dict(self) -> dict:
+        """Resume position."""
+        return {"emitted": self.emitted}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position."""
+        self.emitted = int(state["emitted"])

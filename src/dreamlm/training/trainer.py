@@ -1,0 +1,361 @@
+"""The train loop: one loop for diffusion and AR, pretraining and SFT, one process or torchrun + FSDP2.
+
+Exact resume: model, optimizer, step and data position are checkpointed; each example's noise (t and mask) is drawn
+from a generator seeded by (seed, example index), so a resumed run — or the same global batch split over several
+ranks — sees exactly the same noise. The loss is normalised by the masked-token count of the whole optimizer step
+(all micro-batches, all ranks), so splitting a batch changes nothing but rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dreamlm.config import DreamConfig
+from dreamlm.errors import DreamError
+from dreamlm.model import DreamModel
+from dreamlm.tokenizer import DreamTokenizer
+from dreamlm.training.config import TrainConfig
+from dreamlm.training.data import Batch, ExampleBatches, PackedBlocks, char_tokenizer, read_examples
+from dreamlm.training.objective import DiffusionObjective, LossOutput, ar_loss, diffusion_loss, mask_tokens
+from dreamlm.training.parallel import (World, all_reduce_sum, barrier, full_state, init_world, load_full_state,
+                                       shard_model, shutdown)
+from dreamlm.training.state import load_training_checkpoint, save_training_checkpoint
+
+
+@dataclass
+class Noise:
+    """The forward-process draw of one batch: t (B,) and masked (B, L)."""
+
+    t: torch.Tensor
+    masked: torch.Tensor
+
+
+def draw_noise(batch: Batch, seed: int, eps: float, mask_token_id: int) -> Noise:
+    """Per-example t ~ U(eps, 1) and Bernoulli(t) masks, each from a generator seeded by the example's index."""
+    ts, masks = [], []
+    for row in range(batch.x.shape[0]):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + int(batch.index[row]) * 2 + 1)
+        t = (1 - eps) * torch.rand(1, generator=gen) + eps
+        _, masked = mask_tokens(batch.x[row:row + 1], batch.maskable[row:row + 1], t, mask_token_id, gen)
+        ts.append(t)
+        masks.append(masked)
+    return Noise(torch.cat(ts), torch.cat(masks))
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to lr, then cosine down to lr * min_lr_ratio at max_steps."""
+    o = cfg.optim
+    if o.warmup_steps and step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    span = max(1, o.max_steps - o.warmup_steps)
+    progress = min(1.0, (step - o.warmup_steps) / span)
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def build_tokenizer(cfg: TrainConfig) -> DreamTokenizer:
+    """The run's tokenizer: from init_from, model.tokenizer, or a character alphabet."""
+    m = cfg.model
+    if m.char_alphabet:
+        return char_tokenizer(m.char_alphabet)
+    source = m.tokenizer or m.init_from
+    if not source:
+        raise DreamError("train config: set model.tokenizer (a directory), model.char_alphabet or model.init_from")
+    return DreamTokenizer.from_pretrained(source)
+
+
+def build_model(cfg: TrainConfig, tokenizer: DreamTokenizer) -> DreamModel:
+    """A fresh model (seeded init) or the init_from checkpoint, causal for the AR objective."""
+    causal = cfg.objective.kind == "ar"
+    if cfg.model.init_from:
+        model = DreamModel.from_pretrained(cfg.model.init_from, dtype=torch.float32, causal=causal)
+        model.config.causal = causal
+    else:
+        m = cfg.model
+        eos = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        inter = m.intermediate_size or int(round(m.hidden_size * 8 / 3 / 64)) * 64
+        vocab = ((tokenizer.vocab_size + 7) // 8) * 8
+        config = DreamConfig(vocab_size=vocab, hidden_size=m.hidden_size, intermediate_size=inter,
+                             num_hidden_layers=m.layers, num_attention_heads=m.heads, num_key_value_heads=m.kv_heads,
+                             max_position_embeddings=m.context, rope_theta=10000.0, max_window_layers=m.layers,
+                             mask_token_id=tokenizer.mask_token_id, pad_token_id=pad, bos_token_id=eos,
+                             eos_token_id=eos, causal=causal)
+        torch.manual_seed(cfg.run.seed)
+        model = DreamModel(config).init_weights(cfg.run.seed)
+    if cfg.objective.kind == "diffusion" and model.config.mask_token_id is None:
+        raise DreamError("diffusion training needs a mask token: run `dreamlm convert` on the AR checkpoint first")
+    if cfg.data.seq_len > model.config.max_position_embeddings:
+        raise DreamError(f"data.seq_len={cfg.data.seq_len} exceeds the model's {model.config.max_position_embeddings} "
+                         "positions")
+    model.tokenizer = tokenizer
+    return model
+
+
+def build_source(cfg: TrainConfig, tokenizer: DreamTokenizer, files: list[str], world: World, seed: int,
+                 pad_token_id: int):
+    """The batch source for a list of files (packed blocks or SFT examples)."""
+    paths = [Path(f) for f in files]
+    if cfg.data.stage == "pretrain":
+        return PackedBlocks(paths, tokenizer, cfg.data.seq_len, seed, world.rank, world.size)
+    examples = [e for p in paths for e in read_examples(p, tokenizer, cfg.data.chat, cfg.data.separator)]
+    return ExampleBatches(examples, cfg.data.seq_len, pad_token_id, seed, cfg.data.random_truncation,
+                          world.rank, world.size)
+
+
+class Trainer:
+    """Holds the pieces of a run; `fit()` runs it."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.world = init_world(cfg.run.device)
+        self.out = Path(cfg.run.out_dir)
+        self.tokenizer = build_tokenizer(cfg)
+        model = build_model(cfg, self.tokenizer)
+        self.model_config = model.config
+        model.activation_checkpointing = cfg.run.activation_checkpointing
+        model.to(self.world.device).train()
+        self.model = shard_model(model, self.world, cfg.run.compile)
+        self.objective = DiffusionObjective(cfg.objective.weighting, cfg.objective.cart_p, cfg.objective.focal_gamma,
+                                            cfg.objective.focal_alpha, cfg.objective.eps)
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+            fused=self.world.device.type == "cuda")
+        pad = self.model_config.pad_token_id if self.model_config.pad_token_id is not None else 0
+        self.train_source = build_source(cfg, self.tokenizer, cfg.data.train, self.world, cfg.run.seed, pad)
+        self.valid_files = cfg.data.valid
+        self.pad = pad
+        self.step = 0
+        self.history: list[dict] = []
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) \
+            if self.world.device.type == "cuda" and not self.world.distributed else None
+
+    # ---- one optimizer step --------------------------------------------------------------------------------
+    def _loss(self, batch: Batch, noise: Noise | None, denominator: float) -> LossOutput:
+        x = batch.x.to(self.world.device)
+        if self.cfg.objective.kind == "ar":
+            return ar_loss(self.model, x, batch.ar_targets.to(self.world.device), denominator)
+        return diffusion_loss(self.model, x, batch.maskable.to(self.world.device), self.objective,
+                              noise.t, noise.masked.to(self.world.device), denominator)
+
+    def _noise(self, batch: Batch) -> Noise | None:
+        if self.cfg.objective.kind == "ar":
+            return None
+        return draw_noise(batch, self.cfg.run.seed, self.cfg.objective.eps, self.model_config.mask_token_id)
+
+    def _count(self, batch: Batch, noise: Noise | None) -> int:
+        return int(batch.ar_targets.sum()) if noise is None else int(noise.masked.sum())
+
+    def train_step(self) -> dict:
+        """Gradient accumulation over micro-batches, clip, AdamW; returns the step's metrics."""
+        cfg = self.cfg
+        micro = [self.train_source.next_batch(cfg.optim.batch_size) for _ in range(cfg.optim.grad_accum)]
+        noises = [self._noise(b) for b in micro]
+        local = sum(self._count(b, n) for b, n in zip(micro, noises))
+        (total_count,) = all_reduce_sum([float(local)], self.world)
+        # FSDP averages gradients over ranks; dividing by count/world makes the result Σ CE / global count
+        denominator = max(total_count, 1.0) / self.world.size
+        lr = lr_at(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        weighted = 0.0
+        for batch, noise in zip(micro, noises):
+            if self._count(batch, noise) == 0:
+                continue  # nothing masked (t tiny): no loss to add
+            with self.autocast or nullcontext():
+                out = self._loss(batch, noise, denominator)
+            out.loss.backward()
+            weighted += float(out.weighted_sum)
+        grad_norm = float("nan")
+        if cfg.optim.clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        (weighted_total,) = all_reduce_sum([weighted], self.world)
+        tokens = sum(b.x.numel() for b in micro) * self.world.size
+        self.step += 1
+        return {"step": self.step, "loss": weighted_total / max(total_count, 1.0), "lr": lr,
+                "grad_norm": grad_norm, "tokens": tokens}
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean loss over `eval_batches` fixed held-out batches (same noise every time)."""
+        if not self.valid_files:
+            return None
+        source = build_source(self.cfg, self.tokenizer, self.valid_files, self.world, self.cfg.run.seed + 1, self.pad)
+        self.model.eval()
+        weighted, count = 0.0, 0.0
+        for _ in range(self.cfg.run.eval_batches):
+            batch = source.next_batch(self.cfg.optim.batch_size)
+            noise = self._noise(batch)
+            n = self._count(batch, noise)
+            if n:
+                with self.autocast or nullcontext():
+                    weighted += float(self._loss(batch, noise, 1.0).weighted_sum)
+                count += n
+        self.model.train()
+        weighted, count = all_reduce_sum([weighted, count], self.world)
+        return weighted / max(count, 1.0)
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------
+    def save(self) -> None:
+        """Checkpoint model, optimizer, step, data position and RNG (rank 0 writes)."""
+        model_state, optim_state = full_state(self.model, self.optimizer, self.world)
+        if self.world.main:
+            trainer_state = {"step": self.step, "optimizer": optim_state, "data": self.train_source.state_dict(),
+                             "torch_rng": torch.get_rng_state(), "history": json.dumps(self.history)}
+            save_training_checkpoint(self.out, self.step, model_state, trainer_state,
+                                     {"config": self.cfg.to_dict(), "step": self.step}, self.cfg.run.keep_checkpoints)
+        barrier(self.world)
+
+    def resume(self) -> bool:
+        """Load the latest checkpoint of out_dir; False if there is none."""
+        loaded = load_training_checkpoint(self.out)
+        if loaded is None:
+            return False
+        model_state, state = loaded
+        load_full_state(self.model, self.optimizer, model_state, state["optimizer"], self.world)
+        self.step = int(state["step"])
+        self.train_source.load_state_dict(state["data"])
+        torch.set_rng_state(state["torch_rng"])
+        self.history = json.loads(state["history"])
+        return True
+
+    def export(self) -> Path:
+        """Write the final model as a Dream-format directory with its tokenizer (rank 0)."""
+        model_state, _ = full_state(self.model, None, self.world)
+        path = self.out / "final"
+        if self.world.main:
+            dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[
+                self.cfg.run.export_dtype]
+            with torch.device("meta"):
+                plain = DreamModel(self.model_config)
+            plain.load_state_dict(model_state, assign=True)
+            plain.to(dtype).save_pretrained(path, tokenizer=self.tokenizer)
+        barrier(self.world)
+        return path
+
+    # ---- the run -------------------------------------------------------------------------------------------
+    def _log(self, record: dict) -> None:
+        self.history.append(record)
+        if self.world.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with (self.out / "metrics.jsonl").open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def fit(self, resume: bool = False) -> Path | None:
+        """Train to max_steps (or stop_at), logging, evaluating and checkpointing; export at the end."""
+        cfg = self.cfg
+        if resume and not self.resume() and self.world.main:
+            print(f"no checkpoint in {self.out}; starting from step 0")
+        if not resume and (self.out / "checkpoints").exists():
+            raise DreamError(f"{self.out} already holds a run; pass --resume to continue it or choose another out_dir")
+        if self.world.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        last = cfg.optim.max_steps if not cfg.run.stop_at else min(cfg.run.stop_at, cfg.optim.max_steps)
+        progress = _Progress(cfg.run.progress and self.world.main, self.step, cfg.optim.max_steps)
+        start_time, tokens_since, window_start = time.perf_counter(), 0, time.perf_counter()
+        losses: list[float] = []
+        try:
+            while self.step < last:
+                metrics = self.train_step()
+                losses.append(metrics["loss"])
+                tokens_since += metrics["tokens"]
+                if self.step % cfg.run.log_every == 0 or self.step == last:
+                    now = time.perf_counter()
+                    metrics["tok_per_s"] = tokens_since / max(now - window_start, 1e-9)
+                    metrics["elapsed"] = now - start_time
+                    self._log(metrics)
+                    tokens_since, window_start = 0, now
+                    progress.update(self.step, metrics)
+                if self.step % cfg.run.eval_every == 0 or self.step == cfg.optim.max_steps:
+                    val = self.evaluate()
+                    if val is not None:
+                        self._log({"step": self.step, "val_loss": val})
+                        progress.note(f"step {self.step}: val_loss {val:.4f}")
+                if self.step % cfg.run.save_every == 0 or self.step == last:
+                    self.save()
+        finally:
+            progress.close()
+        if cfg.run.rank_summaries:
+            self._rank_summary(losses)
+        if self.step < cfg.optim.max_steps:
+            shutdown(self.world)
+            return None
+        path = self.export()
+        if self.world.main:
+            plot_losses(self.history, self.out / "loss.png")
+        shutdown(self.world)
+        return path
+
+    def _rank_summary(self, losses: list[float]) -> None:
+        state, _ = full_state(self.model, None, self.world, everywhere=True)
+        checksum = sum(float(v.double().sum()) for v in state.values())
+        (self.out / f"rank_summary-{self.world.rank}.json").write_text(
+            json.dumps({"rank": self.world.rank, "losses": losses, "checksum": checksum}))
+
+
+class _Progress:
+    """A rich progress bar with loss, tokens/s, lr and ETA (nothing when disabled)."""
+
+    def __init__(self, enabled: bool, start: int, total: int) -> None:
+        self.bar = None
+        if enabled:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+                                TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+            self.bar.start()
+
+    def update(self, step: int, m: dict) -> None:
+        if self.bar is not None:
+            info = f"loss {m['loss']:.4f} · {m['tok_per_s']:.0f} tok/s · lr {m['lr']:.2e}"
+            self.bar.update(self.task, completed=step, info=info)
+
+    def note(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.console.print(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def plot_losses(history: list[dict], path: Path) -> None:
+    """Loss (and validation loss) against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
+    """Run training; returns the exported model directory (None when stopped early by run.stop_at)."""
+    return Trainer(cfg).fit(resume=resume)

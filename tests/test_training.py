@@ -1,0 +1,201 @@
+"""Trainer: exact resume, crash-safe checkpoints, SFT/AR paths, export, config errors, and a 2-process run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dreamlm.errors import DreamError
+from dreamlm.model import DreamModel
+from dreamlm.training import state as state_module
+from dreamlm.training.config import TrainConfig
+from dreamlm.training.data import ExampleBatches, PackedBlocks, char_tokenizer, read_examples
+from dreamlm.training.trainer import train
+
+TEXT = ("def add(a, b):\n    return a + b\n\nclass Point:\n    def __init__(self, x, y):\n        self.x = x\n"
+        "        self.y = y\n\nprint(add(1, 2))\n")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("corpus")
+    tokenizer.save_pretrained(root / "tok")
+    for i in range(4):
+        (root / f"doc{i}.txt").write_text(TEXT * (i + 2) + f"# file {i}\n")
+    (root / "valid.txt").write_text(TEXT * 3)
+    return root
+
+
+def pretrain_cfg(corpus: Path, out: Path, *extra: str) -> TrainConfig:
+    return TrainConfig.load(None, [
+        f"model.tokenizer={corpus / 'tok'}", "model.hidden_size=32", "model.layers=2", "model.heads=2",
+        "model.kv_heads=1", "model.context=64",
+        "data.train=" + ",".join(str(corpus / f"doc{i}.txt") for i in range(4)), f"data.valid={corpus / 'valid.txt'}",
+        "data.seq_len=32", "optim.max_steps=8", "optim.batch_size=4", "optim.warmup_steps=2", "optim.lr=3e-3",
+        "run.log_every=1", "run.eval_every=4", "run.save_every=2", "run.progress=false", f"run.out_dir={out}",
+        "run.export_dtype=float32", *extra])
+
+
+def losses(out: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_resume_is_bit_exact(tmp_path, corpus):
+    straight = train(pretrain_cfg(corpus, tmp_path / "a"))
+    assert train(pretrain_cfg(corpus, tmp_path / "b", "run.stop_at=5")) is None
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text().strip() == "step-0000005"
+    resumed = train(pretrain_cfg(corpus, tmp_path / "b"), resume=True)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "a" / "loss.png").stat().st_size > 1000
+
+
+def test_crash_during_save_loses_nothing(tmp_path, corpus, monkeypatch):
+    real = state_module.save_file
+    calls = {"n": 0}
+
+    def flaky(tensors, path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the step-4 checkpoint dies half-written
+            Path(path).write_bytes(b"partial")
+            raise KeyboardInterrupt("killed")
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(state_module, "save_file", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        train(pretrain_cfg(corpus, tmp_path / "c"))
+    root = tmp_path / "c" / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step-0000002"
+    assert not (root / "step-0000004").exists()
+    monkeypatch.setattr(state_module, "save_file", real)
+    final = train(pretrain_cfg(corpus, tmp_path / "c"), resume=True)
+    reference = train(pretrain_cfg(corpus, tmp_path / "d"))
+    a, b = load_file(str(final / "model.safetensors")), load_file(str(reference / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_existing_run_needs_resume(tmp_path, corpus):
+    train(pretrain_cfg(corpus, tmp_path / "e", "optim.max_steps=2"))
+    with pytest.raises(DreamError, match="already holds a run"):
+        train(pretrain_cfg(corpus, tmp_path / "e", "optim.max_steps=2"))
+
+
+def test_export_loads_and_generates(tmp_path, corpus):
+    final = train(pretrain_cfg(corpus, tmp_path / "f", "optim.max_steps=3", "run.export_dtype=bfloat16"))
+    model = DreamModel.from_pretrained(final)
+    assert model.dtype == torch.bfloat16 and model.tokenizer is not None and not model.causal
+    x = model.diffusion_generate(torch.tensor([model.tokenizer.encode("def ")]), max_new_tokens=6, steps=6,
+                                 alg="entropy")
+    assert x.shape == (1, len(model.tokenizer.encode("def ")) + 6)
+
+
+PUZZLES = [{"input": f"{a}+{b}", "output": str(a + b)} for a in range(10) for b in range(10)]
+
+
+@pytest.fixture(scope="module")
+def puzzle_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("puzzles") / "add.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PUZZLES))
+    return path
+
+
+def sft_cfg(puzzle_file: Path, out: Path, *extra: str) -> TrainConfig:
+    return TrainConfig.load(None, [
+        "model.char_alphabet=0123456789+", "model.hidden_size=32", "model.layers=1", "model.heads=2",
+        "model.kv_heads=2", "model.context=16", "data.stage=sft", f"data.train={puzzle_file}",
+        "data.separator=<|sep|>", "data.seq_len=10", "optim.max_steps=3", "optim.batch_size=8",
+        "optim.warmup_steps=0", "run.progress=false", f"run.out_dir={out}", *extra])
+
+
+def test_sft_batches_mask_only_the_response(puzzle_file):
+    tok = char_tokenizer("0123456789+")
+    examples = read_examples(puzzle_file, tok, chat=False, separator="<|sep|>")
+    assert tok.decode(examples[23].prompt) == "2+3<|sep|>" and tok.decode(examples[23].response) == "5<|endoftext|>"
+    batch = ExampleBatches(examples, 10, tok.pad_token_id, seed=0).next_batch(4)
+    for row in range(4):
+        p = int((~batch.maskable[row]).sum())
+        assert batch.x[row, p - 1] == tok.token_to_id("<|sep|>")  # the prompt ends at the separator
+        assert batch.maskable[row, p:].all() and not batch.maskable[row, :p].any()  # response + EOS + pad tail
+        n = int(batch.ar_targets[row].sum())
+        assert batch.x[row, p + n - 1] == tok.eos_token_id and not batch.ar_targets[row, p + n:].any()
+    with pytest.raises(DreamError, match="do not fit seq_len=4"):
+        ExampleBatches(examples, 4, tok.pad_token_id)
+
+
+def test_sft_diffusion_and_ar_runs_export(tmp_path, puzzle_file):
+    diff = DreamModel.from_pretrained(train(sft_cfg(puzzle_file, tmp_path / "diff")))
+    ar = DreamModel.from_pretrained(train(sft_cfg(puzzle_file, tmp_path / "ar", "objective.kind=ar")))
+    assert not diff.causal and ar.causal
+    assert diff.tokenizer.decode(diff.tokenizer.encode("12+3")) == "12+3"
+
+
+def test_packed_blocks_resume_and_shard(corpus, tokenizer):
+    files = [corpus / f"doc{i}.txt" for i in range(4)]
+    whole = PackedBlocks(files, tokenizer, 16, seed=3).next_batch(6).x
+    r0 = PackedBlocks(files, tokenizer, 16, seed=3, rank=0, world=2).next_batch(3).x
+    r1 = PackedBlocks(files, tokenizer, 16, seed=3, rank=1, world=2).next_batch(3).x
+    assert torch.equal(whole[0::2], r0) and torch.equal(whole[1::2], r1)
+    src = PackedBlocks(files, tokenizer, 16, seed=3)
+    src.next_batch(4)
+    again = PackedBlocks(files, tokenizer, 16, seed=3)
+    again.load_state_dict(src.state_dict())
+    assert torch.equal(src.next_batch(2).x, again.next_batch(2).x)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.nope=1"], "unknown key 'model.nope'"),
+    (["optim.lr=abc"], "bad value 'abc' for optim.lr"),
+    (["objective.kind=gan"], "objective.kind must be"),
+    (["optim.max_steps=0"], "optim.max_steps must be"),
+    (["run.export_dtype=int8"], "run.export_dtype"),
+])
+def test_config_errors(overrides, message):
+    with pytest.raises(DreamError, match=message):
+        TrainConfig.load(None, ["data.train=x.txt", *overrides])
+
+
+def test_config_file_errors(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model]\nhidden_size = 'big'\n")
+    with pytest.raises(DreamError, match="bad value 'big' for model.hidden_size"):
+        TrainConfig.load(bad)
+    bad.write_text("[wat]\n")
+    with pytest.raises(DreamError, match=r"unknown section \[wat\]"):
+        TrainConfig.load(bad)
+    bad.write_text("not toml = = 1")
+    with pytest.raises(DreamError, match="not valid TOML"):
+        TrainConfig.load(bad)
+
+
+def test_two_processes_agree_with_one(tmp_path, corpus):
+    common = ["optim.max_steps=4", "run.rank_summaries=true", "run.save_every=4", "run.eval_every=100"]
+    single = train(pretrain_cfg(corpus, tmp_path / "one", "optim.batch_size=4", *common))
+    cfg = pretrain_cfg(corpus, tmp_path / "two", "optim.batch_size=2", *common)
+    toml = tmp_path / "two.toml"
+    toml.write_text(_to_toml(cfg.to_dict()))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "dreamlm.cli", "train", str(toml)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / "two" / f"rank_summary-{r}.json").read_text()) for r in (0, 1))
+    assert r0["losses"] == r1["losses"] and r0["checksum"] == r1["checksum"]  # the ranks agree
+    one = json.loads((tmp_path / "one" / "rank_summary-0.json").read_text())
+    assert r0["losses"] == pytest.approx(one["losses"], rel=1e-4)
+    a = load_file(str(single / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def _to_toml(d: dict) -> str:
+    lines = []
+    for section, values in d.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n"

@@ -283,6 +283,12 @@ def ar_config_to_dream(data: dict) -> dict:
                 raise DreamError(f"Llama {key} {rope!r} is not supported (plain RoPE only): refusing rather than "
                                  "producing a model whose positions differ from the original")
         out.setdefault("max_window_layers", out.get("num_hidden_layers", 0))
+    # Dream's defaults (mask 151666, theta 1e6) must not leak into a model that never had them
+    out["mask_token_id"] = None
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        out.setdefault(name, None)
+    if "rope_theta" not in out and not isinstance(out.get("rope_parameters"), dict):
+        out["rope_theta"] = 10000.0
     out["model_type"] = "Dream"
     out.pop("causal", None)
     return out

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from dreamlm.model import DreamModel
-from dreamlm.tiny import make_tiny_checkpoint, train_tokenizer
+from dreamlm.tiny import make_tiny_checkpoint, tiny_tokenizer
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    return train_tokenizer()
+    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +34,6 @@ def long_model() -> DreamModel:
     """A float32 random model with a 1024-token context (for the 512-token schedule)."""
     from dreamlm.tiny import tiny_config
 
-    config = tiny_config(train_tokenizer(), hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate_size=64,
+    config = tiny_config(tiny_tokenizer(), hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate_size=64,
                          context=1024)
     return DreamModel(config).init_weights(1).eval()

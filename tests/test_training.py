@@ -199,3 +199,32 @@ def _to_toml(d: dict) -> str:
         for key, value in values.items():
             lines.append(f"{key} = {json.dumps(value)}")
     return "\n".join(lines) + "\n"
+
+
+def test_recipes_are_valid_configs():
+    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.toml"))
+    assert recipes
+    for recipe in recipes:
+        cfg = TrainConfig.load(recipe)
+        assert cfg.data.train and cfg.optim.max_steps >= 1
+
+
+def test_cli_train_tokenizer_and_train(tmp_path, corpus):
+    from typer.testing import CliRunner
+
+    from dreamlm.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["train-tokenizer", str(tmp_path / "tok"), "--data", str(corpus / "doc*.txt"),
+                              "--vocab-size", "300"])
+    assert res.exit_code == 0, res.output
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"""[model]\ntokenizer = "{tmp_path / 'tok'}"\nhidden_size = 32\nlayers = 1\nheads = 2\n
+kv_heads = 2\ncontext = 32\n[data]\ntrain = ["{corpus}/doc*.txt"]\nseq_len = 16\n[optim]\nmax_steps = 2\n
+batch_size = 2\nwarmup_steps = 0\n[run]\nprogress = false\n""")
+    res = runner.invoke(app, ["train", str(cfg), "--out-dir", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    gen = runner.invoke(app, ["generate", "def ", "-m", str(tmp_path / "run" / "final"), "--max-new-tokens", "4"])
+    assert gen.exit_code == 0, gen.output
+    bad = runner.invoke(app, ["train", str(cfg), "--set", "optim.lr=-1", "--out-dir", str(tmp_path / "run2")])
+    assert bad.exit_code == 2 and "optim.lr must be > 0" in bad.stderr

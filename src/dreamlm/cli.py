@@ -212,6 +212,25 @@ def train(
             out.print(f"model written to {path}")
 
 
+@app.command("train-tokenizer")
+def train_tokenizer_cmd(
+    out_dir: Path = typer.Argument(..., help="Directory to write the tokenizer into."),
+    data: list[str] = typer.Option(["stdlib:train"], "--data",
+                                   help="Files, globs, directories or stdlib:train (repeatable)."),
+    vocab_size: int = typer.Option(4096, help="BPE vocabulary size (before the special tokens)."),
+) -> None:
+    """Train a Qwen2-style byte-level BPE (with <|mask|>, <|endoftext|> and a chat template)."""
+    from dreamlm.tokenizer import train_tokenizer
+    from dreamlm.training.data import read_documents, resolve_files
+
+    with user_errors():
+        if vocab_size < 300:
+            raise DreamError("vocab_size must be at least 300 (256 bytes plus merges)")
+        tok = train_tokenizer(read_documents(resolve_files(data)), vocab_size)
+        tok.save_pretrained(out_dir)
+        out.print(f"wrote {out_dir} ({tok.vocab_size} ids)")
+
+
 @app.command()
 def convert(
     source: Path = typer.Argument(..., help="HF causal Qwen2/Qwen2.5/Llama directory."),

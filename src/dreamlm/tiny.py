@@ -11,23 +11,11 @@ import argparse
 from pathlib import Path
 
 import torch
-from tokenizers import AddedToken, Tokenizer, pre_tokenizers, trainers
-from tokenizers.models import BPE
 
 from dreamlm.config import DreamConfig
 from dreamlm.model import DreamModel
-from dreamlm.tokenizer import DreamTokenizer, qwen2_bpe
+from dreamlm.tokenizer import DreamTokenizer, train_tokenizer
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"]
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if loop.first and message['role'] != 'system' %}"
-    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "A diffusion language model writes the whole answer at once and refines it step by step.",
@@ -41,32 +29,9 @@ CORPUS = [
 ]
 
 
-def train_tokenizer(texts: list[str] | None = None, vocab_size: int = 512) -> DreamTokenizer:
-    """Train a small Qwen2-style BPE and append Dream's special tokens after it."""
-    texts = texts or CORPUS * 20
-    probe = qwen2_bpe({}, [])  # same normalizer/pre-tokenizer/decoder as the real format
-    tok = Tokenizer(BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
-    tok.normalizer, tok.pre_tokenizer, tok.decoder = probe.normalizer, probe.pre_tokenizer, probe.decoder
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
-    base = tok.get_vocab_size()
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
-    config = {
-        "added_tokens_decoder": {
-            str(base + i): {"content": s, "special": True, "normalized": False, "lstrip": False, "rstrip": False,
-                            "single_word": False}
-            for i, s in enumerate(SPECIALS)
-        },
-        "bos_token": None,
-        "eos_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
-        "mask_token": "<|mask|>",
-        "chat_template": CHAT_TEMPLATE,
-        "model_max_length": 2048,
-        "tokenizer_class": "DreamTokenizer",
-    }
-    return DreamTokenizer(tok, config)
+def tiny_tokenizer() -> DreamTokenizer:
+    """The fixture tokenizer: a ~500-id BPE trained on the small built-in corpus."""
+    return train_tokenizer(CORPUS * 20)
 
 
 def save_tokenizer_dream_format(tokenizer: DreamTokenizer, path: str | Path) -> None:
@@ -99,7 +64,7 @@ def tiny_config(tokenizer: DreamTokenizer, hidden_size: int = 64, layers: int = 
 def make_tiny_checkpoint(path: str | Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
                          max_shard_size: int | str = "5GB", **shape: int) -> DreamModel:
     """Write a random tiny Dream checkpoint directory and return the model (in `dtype`)."""
-    tokenizer = train_tokenizer()
+    tokenizer = tiny_tokenizer()
     model = DreamModel(tiny_config(tokenizer, **shape)).init_weights(seed).to(dtype)
     model.save_pretrained(path, max_shard_size=max_shard_size)
     save_tokenizer_dream_format(tokenizer, path)

@@ -11,9 +11,9 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
 from tokenizers.models import BPE
 
 from dreamlm.errors import DreamError
@@ -214,3 +214,43 @@ class DreamTokenizer:
                                    eos_token=_token_content(self.config.get("eos_token")) or "")
         except TemplateError as exc:
             raise DreamError(f"chat template failed: {exc}") from None
+
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"]
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if loop.first and message['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> DreamTokenizer:
+    """Train a Qwen2-style byte-level BPE on texts and append Dream's special tokens after it (with a chat
+    template), the layout real Dream tokenizers have."""
+    probe = qwen2_bpe({}, [])  # same normalizer/pre-tokenizer/decoder as the real format
+    tok = Tokenizer(BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = probe.normalizer, probe.pre_tokenizer, probe.decoder
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    base = tok.get_vocab_size()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
+    config = {
+        "added_tokens_decoder": {
+            str(base + i): {"content": s, "special": True, "normalized": False, "lstrip": False, "rstrip": False,
+                            "single_word": False}
+            for i, s in enumerate(SPECIALS)
+        },
+        "bos_token": None,
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "mask_token": "<|mask|>",
+        "chat_template": CHAT_TEMPLATE,
+        "model_max_length": 2048,
+        "tokenizer_class": "DreamTokenizer",
+    }
+    return DreamTokenizer(tok, config)

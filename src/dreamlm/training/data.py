@@ -8,8 +8,11 @@ forward process may mask, `ar_targets` what an AR baseline is trained to predict
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import random
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -47,6 +50,37 @@ class Batch:
     maskable: torch.Tensor
     ar_targets: torch.Tensor
     index: torch.Tensor
+
+
+def stdlib_split(valid_share: float = 0.05) -> tuple[list[Path], list[Path]]:
+    """The running Python's standard-library .py files (no tests, no idlelib), split by a hash of each module's
+    path into train and held-out *modules*: a real code corpus on every machine."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py")
+                   if not {"site-packages", "test", "tests", "idlelib"} & set(p.relative_to(root).parts))
+    train_files, valid_files = [], []
+    for p in files:
+        h = int(hashlib.sha256(str(p.relative_to(root)).encode()).hexdigest()[:8], 16) / 16**8
+        (valid_files if h < valid_share else train_files).append(p)
+    return train_files, valid_files
+
+
+def resolve_files(entries: list[str]) -> list[Path]:
+    """Data entries → files: `stdlib:train` / `stdlib:valid`, glob patterns, directories (all files below), files."""
+    files: list[Path] = []
+    for entry in entries:
+        if entry in ("stdlib:train", "stdlib:valid"):
+            files += stdlib_split()[entry == "stdlib:valid"]
+        elif any(ch in entry for ch in "*?["):
+            matched = sorted(Path(m) for m in glob.glob(entry, recursive=True))
+            if not matched:
+                raise DreamError(f"data pattern {entry!r} matches no file")
+            files += [p for p in matched if p.is_file()]
+        elif Path(entry).is_dir():
+            files += sorted(p for p in Path(entry).rglob("*") if p.is_file())
+        else:
+            files.append(Path(entry))
+    return files
 
 
 def read_documents(files: list[Path]) -> Iterator[str]:

@@ -22,7 +22,8 @@ from dreamlm.errors import DreamError
 from dreamlm.model import DreamModel
 from dreamlm.tokenizer import DreamTokenizer
 from dreamlm.training.config import TrainConfig
-from dreamlm.training.data import Batch, ExampleBatches, PackedBlocks, char_tokenizer, read_examples
+from dreamlm.training.data import (Batch, ExampleBatches, PackedBlocks, char_tokenizer, read_examples,
+                                   resolve_files)
 from dreamlm.training.objective import DiffusionObjective, LossOutput, ar_loss, diffusion_loss, mask_tokens
 from dreamlm.training.parallel import (World, all_reduce_sum, barrier, full_state, init_world, load_full_state,
                                        shard_model, shutdown)
@@ -101,7 +102,7 @@ def build_model(cfg: TrainConfig, tokenizer: DreamTokenizer) -> DreamModel:
 def build_source(cfg: TrainConfig, tokenizer: DreamTokenizer, files: list[str], world: World, seed: int,
                  pad_token_id: int):
     """The batch source for a list of files (packed blocks or SFT examples)."""
-    paths = [Path(f) for f in files]
+    paths = resolve_files(files)
     if cfg.data.stage == "pretrain":
         return PackedBlocks(paths, tokenizer, cfg.data.seq_len, seed, world.rank, world.size)
     examples = [e for p in paths for e in read_examples(p, tokenizer, cfg.data.chat, cfg.data.separator)]

@@ -67,18 +67,51 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, E, bias=False)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                is_causal: bool) -> torch.Tensor:
+                is_causal: bool, cache: "LayerCache | None" = None, start: int = 0) -> torch.Tensor:
         B, L, _ = h.shape
         q = self.q_proj(h).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
         k = self.k_proj(h).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, L, D)
         v = self.v_proj(h).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, start)  # (B, K, N, D): cached keys around the fresh span
         if self.n_kv != self.n_heads and not _SDPA_HAS_GQA:
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
         extra = {"enable_gqa": True} if self.n_kv != self.n_heads and _SDPA_HAS_GQA else {}
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, **extra)  # (B, H, L, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim))
+
+
+class LayerCache:
+    """One layer's keys/values for the whole canvas (B, K, N, D): filled by a full pass, then spans overwrite
+    their slice and read the rest (positions outside the span are as of the last full pass)."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the span's k/v at `start` and return the keys/values to attend to."""
+        if self.k is None or (start == 0 and k.shape[2] == self.k.shape[2]):
+            self.k, self.v = k.contiguous(), v.contiguous()  # a full pass: attend to exactly what it computed
+            return k, v
+        self.k[:, :, start:start + k.shape[2]] = k
+        self.v[:, :, start:start + v.shape[2]] = v
+        return self.k, self.v
+
+
+class KVCache:
+    """Per-layer caches for block-wise decoding (prefix or dual) and AR decoding."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.layers = [LayerCache() for _ in range(num_layers)]
+
+    @property
+    def length(self) -> int:
+        """Canvas length N held (0 before the first full pass)."""
+        k = self.layers[0].k
+        return 0 if k is None else k.shape[2]
 
 
 class MLP(nn.Module):
@@ -105,8 +138,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                is_causal: bool) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, is_causal)
+                is_causal: bool, cache: LayerCache | None = None, start: int = 0) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, is_causal, cache, start)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -178,13 +211,18 @@ class DreamModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None,
-                select: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                select: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
         """Logits (B, L, V) for ids (B, L); with `select=(rows, cols)` only those positions' logits (M, V).
 
         `attention_mask` is a left-padding 0/1 mask (B, L) or a prepared boolean mask (B, 1, L, L); with a 0/1
         mask and no `position_ids`, positions restart at each row's first real token. `select` saves the head's
         cost where a loss needs few positions (it is an argument, not a method, so FSDP's hooks still run).
+        With `cache`, a full pass (start 0, the whole canvas) fills it; afterwards `input_ids` may be a span
+        x[:, start:start + S] that attends to the cached canvas (masks and positions still given for all N).
         """
+        if cache is not None and cache.length and not (start == 0 and input_ids.shape[1] == cache.length):
+            return self._span_forward(input_ids, attention_mask, position_ids, select, cache, start)
         B, L = input_ids.shape
         mask, is_causal = None, self.causal
         if attention_mask is not None and attention_mask.dim() == 2:
@@ -200,11 +238,38 @@ class DreamModel(nn.Module):
             position_ids = torch.arange(L, device=input_ids.device).expand(B, L)
         h = self.model.embed_tokens(input_ids)  # (B, L, E)
         cos, sin = rope_cos_sin(position_ids, self.config.dim_per_head, self.config.rope_theta, h.dtype)
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
             if self.activation_checkpointing and self.training:
                 h = checkpoint(layer, h, cos, sin, mask, is_causal, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, mask, is_causal)
+                h = layer(h, cos, sin, mask, is_causal, None if cache is None else cache.layers[i])
+        return self._head(h, select)
+
+    def _span_forward(self, span_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      position_ids: torch.Tensor | None, select: tuple[torch.Tensor, torch.Tensor] | None,
+                      cache: KVCache, start: int) -> torch.Tensor:
+        B, S = span_ids.shape
+        N = cache.length
+        device = span_ids.device
+        mask = None
+        if attention_mask is not None:
+            if attention_mask.dim() == 2:
+                attention_mask = padding_attention(attention_mask, False)
+            mask = attention_mask[:, :, start:start + S].bool()  # (B, 1, S, N)
+        if self.causal:
+            rows = torch.arange(start, start + S, device=device)[:, None] >= torch.arange(N, device=device)[None]
+            mask = rows[None, None] if mask is None else mask & rows
+        if position_ids is None:
+            position_ids = torch.arange(start, start + S, device=device).expand(B, S)
+        else:
+            position_ids = position_ids[:, start:start + S]
+        h = self.model.embed_tokens(span_ids)  # (B, S, E)
+        cos, sin = rope_cos_sin(position_ids, self.config.dim_per_head, self.config.rope_theta, h.dtype)
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, cos, sin, mask, False, cache.layers[i], start)
+        return self._head(h, select)
+
+    def _head(self, h: torch.Tensor, select: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         h = self.model.norm(h)
         if select is not None:
             h = h[select]  # (M, E)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dreamlm.errors import DreamError
-from dreamlm.model import padding_attention, padding_positions
+from dreamlm.model import KVCache, padding_attention, padding_positions
 
 if TYPE_CHECKING:
     from dreamlm.model import DreamModel
@@ -57,6 +57,7 @@ class DreamGenerationOutput:
 
     sequences: torch.Tensor
     history: list[torch.Tensor] | None = None
+    forward_passes: int = 0
 
 
 def shift_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -194,6 +195,68 @@ def plan_generation(model: "DreamModel", input_ids: torch.Tensor, attention_mask
     return GenerationPlan(x, attention, position_ids, alg, mask_id)
 
 
+class CacheMode(str, Enum):
+    """Key/value reuse inside a block (Fast-dLLM): none, the finished prefix, or prefix and suffix ("dual")."""
+
+    NONE = "none"
+    PREFIX = "prefix"
+    DUAL = "dual"
+
+
+@dataclass
+class FastOptions:
+    """Speed options of the one loop; all off reproduces Dream's sampler exactly."""
+
+    block_length: int | None = None  # semi-autoregressive blocks over the generated region
+    cache: CacheMode = CacheMode.NONE  # reuse keys/values computed at the block's first step
+    refresh_every: int | None = None  # also refresh the cache every k steps inside a block
+    threshold: float | None = None  # commit every masked slot with p(x0) >= threshold (at least one per step)
+    stop_at_eos: bool = False  # stop once each row's text up to its first EOS is complete
+
+    def __post_init__(self) -> None:
+        try:
+            self.cache = CacheMode(self.cache)
+        except ValueError:
+            raise DreamError(f"unknown cache {self.cache!r}; choose none, prefix or dual") from None
+        if self.block_length is not None and (not isinstance(self.block_length, int) or self.block_length < 1):
+            raise DreamError(f"block_length must be an integer >= 1, got {self.block_length!r}")
+        if self.threshold is not None and not (isinstance(self.threshold, (int, float)) and 0 < self.threshold <= 1):
+            raise DreamError(f"threshold must be in (0, 1], got {self.threshold!r}")
+        if self.refresh_every is not None and (not isinstance(self.refresh_every, int) or self.refresh_every < 1):
+            raise DreamError(f"refresh_every must be an integer >= 1, got {self.refresh_every!r}")
+
+    @property
+    def vanilla(self) -> bool:
+        """True when nothing departs from Dream's loop."""
+        return (self.block_length is None and self.cache is CacheMode.NONE and self.threshold is None
+                and not self.stop_at_eos)
+
+
+def _blocks(x: torch.Tensor, mask_id: int, fast: FastOptions, steps: int) -> tuple[list[tuple[int, int]], int]:
+    """(lo, hi) ranges of the canvas decoded one after the other, and the steps each gets."""
+    N = x.shape[1]
+    masked_cols = (x == mask_id).any(dim=0).nonzero()
+    region = int(masked_cols[0]) if len(masked_cols) else N
+    if fast.block_length is None:
+        return [(region, N)], steps
+    blocks = [(lo, min(lo + fast.block_length, N)) for lo in range(region, N, fast.block_length)] or [(region, N)]
+    if fast.threshold is None and steps % len(blocks):
+        raise DreamError(f"steps ({steps}) must be a multiple of the number of blocks ({len(blocks)}); "
+                         "change steps or block_length")
+    return blocks, steps // len(blocks) if fast.threshold is None else fast.block_length
+
+
+def _finished(x: torch.Tensor, mask_id: int, eos_id: int, region: int) -> bool:
+    """True when every row has an EOS in the generated region with no mask before it."""
+    gen = x[:, region:]
+    is_eos = gen == eos_id
+    if not bool(is_eos.any(dim=1).all()):
+        return False
+    first = is_eos.int().argmax(dim=1)  # (B,)
+    before = torch.arange(gen.shape[1], device=x.device)[None] < first[:, None]
+    return not bool(((gen == mask_id) & before).any())
+
+
 @torch.no_grad()
 def diffusion_generate(
     model: "DreamModel",
@@ -216,16 +279,31 @@ def diffusion_generate(
     generator: torch.Generator | None = None,
     seed: int | None = None,
     constraints: Constraints | None = None,
+    block_length: int | None = None,
+    cache: "str | CacheMode" = "none",
+    refresh_every: int | None = None,
+    threshold: float | None = None,
+    stop_at_eos: bool = False,
 ) -> "torch.Tensor | DreamGenerationOutput":
     """Dream's masked-diffusion sampler (spec §2); returns ids (B, N) or a DreamGenerationOutput.
 
     Beyond Dream: `generator`/`seed` make the random draws reproducible (default: torch's global RNG, as Dream);
-    `constraints` pins canvas positions and bans ids.
+    `constraints` pins canvas positions and bans ids. Speed options (all off = Dream): `block_length` decodes the
+    generated region in blocks (steps split evenly); `cache` ("prefix"/"dual") reuses keys/values from each block's
+    first step (and every `refresh_every` steps); `threshold` commits every slot of the block with p(x0) >= it, at
+    least one per step (steps then only bound each block); `stop_at_eos` ends once each row's text up to its first
+    EOS is complete and fills the rest with EOS (the text cut at the first EOS is unchanged).
     """
     _check_settings(steps, eps, temperature, top_p, top_k, alg_temp, num_return_sequences)
+    fast = FastOptions(block_length, cache, refresh_every, threshold, stop_at_eos)
+    if fast.cache is not CacheMode.NONE and generation_logits_hook_func is not None:
+        raise DreamError("a logits hook needs the full canvas's logits; use cache='none'")
     plan = plan_generation(model, input_ids, attention_mask, max_new_tokens, max_length, alg, num_return_sequences,
                            constraints)
     x, alg, mask_id = plan.x, plan.alg, plan.mask_token_id
+    eos_id = model.config.eos_token_id
+    if fast.stop_at_eos and eos_id is None:
+        raise DreamError("stop_at_eos needs an eos_token_id in the model config")
     if seed is not None:
         generator = torch.Generator(device=x.device).manual_seed(seed)
     banned = None
@@ -234,52 +312,112 @@ def diffusion_generate(
     histories: list[torch.Tensor] | None = [] if (return_dict_in_generate and output_history) else None
     if generation_tokens_hook_func is not None:
         x = generation_tokens_hook_func(None, x, None)
-    timesteps = torch.linspace(1, eps, steps + 1, device=x.device)
+    blocks, steps_per_block = _blocks(x, mask_id, fast, steps)
+    region = blocks[0][0]
+    kv = KVCache(len(model.model.layers)) if fast.cache is not CacheMode.NONE else None
     rows = torch.arange(x.shape[0], device=x.device)
-    for i in range(steps):
-        mask_index = x == mask_id  # (B, N)
-        raw = model(x, plan.attention, plan.position_ids)  # (B, N, V), unshifted
-        if generation_logits_hook_func is not None or generation_tokens_hook_func is not None:
-            logits = shift_logits(raw)
-            if generation_logits_hook_func is not None:
-                logits = generation_logits_hook_func(i, x, logits)
-            mask_logits = logits[mask_index]  # (M, V)
-        else:
-            # no hook needs the whole shifted tensor: read the masked rows straight from raw, no (B, N, V) copy
+    columns = torch.arange(x.shape[1], device=x.device)
+    step = passes = 0
+    done = False
+    for lo, hi in blocks:
+        in_block = (columns >= lo) & (columns < hi)
+        timesteps = torch.linspace(1, eps, steps_per_block + 1, device=x.device)
+        for i in range(steps_per_block):
+            mask_index = x == mask_id  # (B, N)
+            if not fast.vanilla:
+                mask_index &= in_block
+                if not bool(mask_index.any()):
+                    break  # this block is complete (Dream's own loop would spend its steps regardless)
             b, j = mask_index.nonzero(as_tuple=True)
-            mask_logits = raw[b, (j - 1).clamp(min=0)]
+            refresh = kv is None or i == 0 or (fast.refresh_every is not None and i % fast.refresh_every == 0)
             logits = None
-        if banned is not None:
-            mask_logits = mask_logits.index_fill(-1, banned, float("-inf"))
-        t, s = timesteps[i], timesteps[i + 1]
-        last = i == steps - 1
-        if alg is Alg.ORIGIN:
-            p_transfer = 1 - s / t if not last else 1
-            x0 = torch.full((mask_logits.shape[0],), mask_id, dtype=torch.long, device=x.device)
-            transfer = torch.rand(x0.shape, device=x.device, generator=generator) < p_transfer
-            if bool(transfer.any()):
-                _, x0[transfer] = sample_tokens(mask_logits[transfer], temperature, top_p, top_k, alg, generator)
-            x[mask_index] = x0
-        else:
-            confidence, x0 = sample_tokens(mask_logits, temperature, top_p, top_k, alg, generator)
-            mean_masked = mask_index.sum() / mask_index.shape[0]
-            k = int(mean_masked * (1 - s / t)) if not last else int(mean_masked)
-            if k > 0:
-                full_confidence = torch.full(x.shape, -torch.inf, dtype=mask_logits.dtype, device=x.device)
-                full_confidence[mask_index] = confidence
-                if not alg_temp:
-                    chosen = torch.topk(full_confidence, k).indices  # (B, k); ties resolve as torch.topk does
+            if refresh:
+                raw = model(x, plan.attention, plan.position_ids, cache=kv)  # (B, N, V), unshifted
+                if generation_logits_hook_func is not None or (generation_tokens_hook_func is not None and kv is None):
+                    logits = shift_logits(raw)
+                    if generation_logits_hook_func is not None:
+                        logits = generation_logits_hook_func(step, x, logits)
+                    mask_logits = logits[mask_index]  # (M, V)
                 else:
-                    chosen = torch.multinomial(F.softmax(full_confidence / alg_temp, dim=-1), k, generator=generator)
-                proposal = torch.full_like(x, mask_id)
-                proposal[mask_index] = x0
-                r = rows[:, None].expand_as(chosen)
-                # a row with fewer masks than k (uneven batches) keeps its committed tokens
-                x[r, chosen] = torch.where(mask_index[r, chosen], proposal[r, chosen], x[r, chosen])
-        if generation_tokens_hook_func is not None:
-            x = generation_tokens_hook_func(i, x, logits)
-        if histories is not None:
-            histories.append(x.clone())
+                    # no hook needs the whole shifted tensor: read the masked rows straight from raw (no copy)
+                    mask_logits = raw[b, (j - 1).clamp(min=0)]
+            else:
+                # recompute only from the position before the block (its output scores the block's first slot)
+                start = lo - 1
+                stop = x.shape[1] if fast.cache is CacheMode.PREFIX else hi
+                mask_logits = model(x[:, start:stop], plan.attention, plan.position_ids, select=(b, j - 1 - start),
+                                    cache=kv, start=start)
+            passes += 1
+            if banned is not None:
+                mask_logits = mask_logits.index_fill(-1, banned, float("-inf"))
+            if fast.threshold is not None:
+                _commit_above_threshold(x, mask_index, mask_logits, fast.threshold, temperature, top_p, top_k,
+                                        generator)
+            else:
+                _commit_scheduled(x, mask_id, mask_index, mask_logits, timesteps[i], timesteps[i + 1],
+                                  i == steps_per_block - 1,
+                                  alg, temperature, top_p, top_k, alg_temp, generator, rows)
+            if generation_tokens_hook_func is not None:
+                x = generation_tokens_hook_func(step, x, logits)
+            if histories is not None:
+                histories.append(x.clone())
+            step += 1
+            if fast.stop_at_eos and _finished(x, mask_id, eos_id, region):
+                x[:, region:] = torch.where(x[:, region:] == mask_id, eos_id, x[:, region:])
+                done = True
+                break
+        if done:
+            break
     if return_dict_in_generate:
-        return DreamGenerationOutput(sequences=x, history=histories)
+        return DreamGenerationOutput(sequences=x, history=histories, forward_passes=passes)
     return x
+
+
+def _commit_scheduled(x: torch.Tensor, mask_id: int, mask_index: torch.Tensor, mask_logits: torch.Tensor,
+                      t: torch.Tensor,
+                      s: torch.Tensor, last: bool, alg: Alg, temperature: float, top_p: float | None,
+                      top_k: int | None, alg_temp: float | None, generator: torch.Generator | None,
+                      rows: torch.Tensor) -> None:
+    """Dream's step: commit slots by the schedule 1 - s/t (origin: each slot at random; others: top-k)."""
+    if mask_logits.shape[0] == 0:
+        return  # nothing masked: Dream's step draws nothing and changes nothing
+    if alg is Alg.ORIGIN:
+        p_transfer = 1 - s / t if not last else 1
+        x0 = torch.full((mask_logits.shape[0],), mask_id, dtype=torch.long, device=x.device)
+        transfer = torch.rand(x0.shape, device=x.device, generator=generator) < p_transfer
+        if bool(transfer.any()):
+            _, x0[transfer] = sample_tokens(mask_logits[transfer], temperature, top_p, top_k, alg, generator)
+        x[mask_index] = x0
+        return
+    confidence, x0 = sample_tokens(mask_logits, temperature, top_p, top_k, alg, generator)
+    mean_masked = mask_index.sum() / mask_index.shape[0]
+    k = int(mean_masked * (1 - s / t)) if not last else int(mean_masked)
+    if k > 0:
+        full_confidence = torch.full(x.shape, -torch.inf, dtype=mask_logits.dtype, device=x.device)
+        full_confidence[mask_index] = confidence
+        if not alg_temp:
+            chosen = torch.topk(full_confidence, k).indices  # (B, k); ties resolve as torch.topk does
+        else:
+            chosen = torch.multinomial(F.softmax(full_confidence / alg_temp, dim=-1), k, generator=generator)
+        proposal = torch.full_like(x, mask_id)
+        proposal[mask_index] = x0
+        r = rows[:, None].expand_as(chosen)
+        # a row with fewer masks than k (uneven batches) keeps its committed tokens
+        x[r, chosen] = torch.where(mask_index[r, chosen], proposal[r, chosen], x[r, chosen])
+
+
+def _commit_above_threshold(x: torch.Tensor, mask_index: torch.Tensor, mask_logits: torch.Tensor, threshold: float,
+                            temperature: float, top_p: float | None, top_k: int | None,
+                            generator: torch.Generator | None) -> None:
+    """Parallel decoding: commit every slot whose p(x0) >= threshold, and each row's most confident slot."""
+    confidence, x0 = sample_tokens(mask_logits, temperature, top_p, top_k, Alg.MASKGIT_PLUS, generator)
+    full = torch.full(x.shape, -1.0, dtype=torch.float32, device=x.device)
+    full[mask_index] = confidence.float()
+    proposal = torch.zeros_like(x)
+    proposal[mask_index] = x0
+    commit = full >= threshold
+    best = full.argmax(dim=1)
+    has_mask = mask_index.any(dim=1)
+    commit[torch.arange(x.shape[0], device=x.device)[has_mask], best[has_mask]] = True
+    commit &= mask_index
+    x[commit] = proposal[commit]

@@ -1,0 +1,130 @@
+"""Fast decoding options of the one loop: off == vanilla; cache with refresh == no cache; threshold; blocks;
+early stop never changes the text; batch == single; the KV cache itself; AR decoding with a cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dreamlm.errors import DreamError
+from dreamlm.model import KVCache
+from dreamlm.sampling import cut_at_eos, diffusion_generate
+from dreamlm.sampling.autoregressive import ar_generate
+
+P = torch.tensor([[11, 12, 13, 14]])
+
+
+@pytest.mark.parametrize("alg", ["origin", "maskgit_plus", "entropy"])
+def test_all_options_off_is_vanilla(tiny_model, alg):
+    a = diffusion_generate(tiny_model, P, max_new_tokens=12, steps=6, alg=alg, temperature=0.5, seed=1)
+    b = diffusion_generate(tiny_model, P, max_new_tokens=12, steps=6, alg=alg, temperature=0.5, seed=1,
+                           block_length=None, cache="none", threshold=None, stop_at_eos=False)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("alg", ["maskgit_plus", "entropy", "origin"])
+def test_cache_refreshed_every_step_equals_no_cache(tiny_model, cache, alg):
+    a = diffusion_generate(tiny_model, P, max_new_tokens=16, steps=16, alg=alg, temperature=0.3, seed=2)
+    b = diffusion_generate(tiny_model, P, max_new_tokens=16, steps=16, alg=alg, temperature=0.3, seed=2,
+                           cache=cache, refresh_every=1)
+    assert torch.equal(a, b)
+
+
+def test_span_forward_matches_full_forward(tiny_model):
+    x = torch.randint(0, 400, (2, 20), generator=torch.Generator().manual_seed(0))
+    kv = KVCache(len(tiny_model.model.layers))
+    with torch.no_grad():
+        full = tiny_model(x, cache=kv)
+        prefix = tiny_model(x[:, 7:], cache=kv, start=7)
+        dual = tiny_model(x[:, 7:12], cache=kv, start=7)
+    assert torch.allclose(prefix, full[:, 7:], atol=1e-5) and torch.allclose(dual, full[:, 7:12], atol=1e-5)
+
+
+def _commits(out, mask_id):
+    masks = [int((h == mask_id).sum()) for h in out.history]
+    return [a - b for a, b in zip(masks, masks[1:])]
+
+
+def test_threshold_one_commits_one_token_per_step(tiny_model):
+    out = diffusion_generate(tiny_model, P, max_new_tokens=10, steps=10, alg="entropy", threshold=1.0,
+                             return_dict_in_generate=True, output_history=True)
+    m = tiny_model.config.mask_token_id
+    assert int((out.history[0] == m).sum()) == 9 and _commits(out, m) == [1] * 9
+    assert out.forward_passes == 10 and not (out.sequences == m).any()
+
+
+def test_low_threshold_commits_many_per_step(tiny_model):
+    out = diffusion_generate(tiny_model, P, max_new_tokens=16, steps=16, alg="entropy", threshold=1e-6,
+                             block_length=8, cache="dual", return_dict_in_generate=True)
+    assert out.forward_passes == 2  # one pass fills each block
+    assert not (out.sequences == tiny_model.config.mask_token_id).any()
+
+
+def test_blocks_fill_left_to_right(tiny_model):
+    m = tiny_model.config.mask_token_id
+    out = diffusion_generate(tiny_model, P, max_new_tokens=12, steps=6, alg="maskgit_plus", block_length=4,
+                             cache="prefix", return_dict_in_generate=True, output_history=True)
+    for h in out.history[:2]:  # the first block's two steps never touch later blocks
+        assert (h[0, 8:] == m).all()
+    assert not (out.history[1][0, 4:8] == m).any() and out.forward_passes == 6
+
+
+@pytest.mark.parametrize("options", [dict(), dict(block_length=4), dict(block_length=4, cache="dual"),
+                                     dict(threshold=0.5), dict(block_length=4, cache="prefix", threshold=0.3)])
+def test_early_stop_never_changes_the_text(tiny_model, options):
+    eos = tiny_model.config.eos_token_id
+
+    def favour_eos(i, x, logits):  # a model that likes to end early, from position 10 on
+        logits[:, 10:, eos] += 6.0
+        return logits
+
+    kw = dict(max_new_tokens=16, steps=16, alg="entropy", return_dict_in_generate=True, **options)
+    if options.get("cache", "none") == "none":
+        kw["generation_logits_hook_func"] = favour_eos
+    full = diffusion_generate(tiny_model, P, **kw)
+    early = diffusion_generate(tiny_model, P, stop_at_eos=True, **kw)
+    assert cut_at_eos(full.sequences[0].tolist(), eos, 4) == cut_at_eos(early.sequences[0].tolist(), eos, 4)
+    assert early.forward_passes <= full.forward_passes
+    if options == dict(block_length=4):  # left-to-right blocks reach the EOS tail early: the last blocks are skipped
+        assert early.forward_passes < full.forward_passes
+
+
+@pytest.mark.parametrize("options", [dict(block_length=4, cache="dual"), dict(block_length=4, cache="prefix",
+                                                                               threshold=0.2)])
+def test_batch_equals_single_with_fast_options(tiny_model, options):
+    pad = tiny_model.config.pad_token_id
+    a, b = [7, 8, 9, 10, 11, 12], [20, 21, 22]
+    batch = torch.tensor([a, [pad] * 3 + b])
+    mask = torch.tensor([[1] * 6, [0] * 3 + [1] * 3])
+    kw = dict(max_new_tokens=8, steps=8, alg="entropy", **options)
+    together = diffusion_generate(tiny_model, batch, mask, **kw)
+    alone_a = diffusion_generate(tiny_model, torch.tensor([a]), **kw)
+    assert torch.equal(together[0], alone_a[0])
+    if "threshold" not in options:  # with a threshold, rows may need different numbers of steps
+        alone_b = diffusion_generate(tiny_model, torch.tensor([b]), **kw)
+        assert torch.equal(together[1, 3:], alone_b[0])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(block_length=5, steps=7), "multiple of the number of blocks"),
+    (dict(cache="paged"), "unknown cache 'paged'"),
+    (dict(threshold=0.0), "threshold must be in"),
+    (dict(block_length=0), "block_length must be"),
+    (dict(cache="dual", generation_logits_hook_func=lambda i, x, l: l), "logits hook"),
+])
+def test_fast_option_errors(tiny_model, kwargs, message):
+    with pytest.raises(DreamError, match=message):
+        diffusion_generate(tiny_model, P, max_new_tokens=10, **{"steps": 10, **kwargs})
+
+
+def test_ar_generate_with_cache_equals_without(tiny_model):
+    tiny_model.causal = True
+    try:
+        a, passes_a = ar_generate(tiny_model, P, 10, use_cache=True, stop_at_eos=False)
+        b, passes_b = ar_generate(tiny_model, P, 10, use_cache=False, stop_at_eos=False)
+    finally:
+        tiny_model.causal = False
+    assert torch.equal(a, b) and passes_a == passes_b == 10
+    with pytest.raises(DreamError, match="bidirectional"):
+        ar_generate(tiny_model, P, 4)

@@ -1,0 +1,173 @@
+"""Planning tasks (Sudoku, Countdown, star graph): generators, validators and a registry by exact name.
+
+Every task turns a `random.Random` and a split into an example `{"input": ..., "output": ...}` in the text formats
+of planning.md, validates answers by checking the rules (never by comparing with one stored answer), checks
+puzzles for malformation (DreamError) and names the characters its texts use, for a character tokenizer.
+
+Splits: "train" and "test" are disjoint by construction (a stable hash of each puzzle's canonical key assigns it to
+one of them, ~10 % test; see tasks.splits); "ood" exists only for Countdown (held-out target values, see
+tasks.countdown). `write_dataset` seeds its generator from (task name, split, seed), so the same arguments always
+write the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from dreamlm.errors import DreamError
+from dreamlm.tasks import countdown, stargraph, sudoku
+from dreamlm.tasks.splits import SPLITS, check_split, key_in_split
+
+__all__ = [
+    "SPLITS", "TASKS", "Task", "countdown_task", "get_task", "make_examples", "register", "star_task",
+    "sudoku_task", "task_names", "write_dataset",
+]
+
+Example = dict[str, str]
+
+# Default difficulty: blanks drawn uniformly from these ranges (inclusive).
+SUDOKU_BLANKS = {4: (6, 10), 9: (40, 60)}
+SUDOKU_ALPHABET = {4: "01234\n", 9: "0123456789"}
+COUNTDOWN_ALPHABET = "0123456789+-*/=,"
+STAR_ALPHABET = "0123456789,|/="
+
+
+@dataclass(frozen=True)
+class Task:
+    """A planning task: example generator, answer validator, input checker and character alphabet."""
+
+    name: str
+    alphabet: str  # every character that can appear in an input or output
+    has_ood: bool
+    make: Callable[[random.Random, str], tuple[str, str]] = field(repr=False)
+    check: Callable[[str], object] = field(repr=False)
+    is_valid: Callable[[str, str], bool] = field(repr=False)
+
+    def generate(self, rng: random.Random, split: str = "train") -> Example:
+        """One example {"input", "output"} drawn from `split` ("train", "test" or, where supported, "ood")."""
+        check_split(split, has_ood=self.has_ood, task=self.name)
+        text_in, text_out = self.make(rng, split)
+        return {"input": text_in, "output": text_out}
+
+    def check_input(self, input: str) -> None:  # noqa: A002 - mirrors the JSONL field name
+        """Raise DreamError if `input` is not a well-formed puzzle of this task."""
+        self.check(input)
+
+    def validate(self, input: str, answer: str) -> bool:  # noqa: A002
+        """True if `answer` solves `input`; DreamError for a malformed puzzle, False for any malformed answer."""
+        self.check(input)
+        return self.is_valid(input, answer)
+
+
+def sudoku_task(size: int, min_blanks: int | None = None, max_blanks: int | None = None) -> Task:
+    """Sudoku of size 4 or 9 with blanks drawn uniformly from [min_blanks, max_blanks] (defaults 6–10 / 40–60)."""
+    if size not in sudoku.SIZES:
+        raise DreamError(f"sudoku size must be 4 or 9, got {size!r}")
+    default_lo, default_hi = SUDOKU_BLANKS[size]
+    lo = default_lo if min_blanks is None else min_blanks
+    hi = default_hi if max_blanks is None else max_blanks
+    if not 0 <= lo <= hi <= sudoku.MAX_BLANKS[size]:
+        raise DreamError(f"{size}×{size} sudoku blanks must satisfy 0 <= min <= max <= {sudoku.MAX_BLANKS[size]}, "
+                         f"got {lo}..{hi}")
+    name = f"sudoku{size}" if (lo, hi) == (default_lo, default_hi) else f"sudoku{size}-{lo}-{hi}"
+
+    def make(rng: random.Random, split: str) -> tuple[str, str]:
+        puzzle = sudoku.generate(rng, size, rng.randint(lo, hi), split=split)
+        return puzzle.input, puzzle.output
+
+    return Task(name, SUDOKU_ALPHABET[size], False, make, lambda text: sudoku.parse(text, size),
+                sudoku.is_valid_solution)
+
+
+def countdown_task(k: int) -> Task:
+    """Countdown with k input numbers (CDk); has an "ood" split of held-out targets."""
+    if not isinstance(k, int) or isinstance(k, bool) or not countdown.MIN_K <= k <= countdown.MAX_K:
+        raise DreamError(f"countdown needs {countdown.MIN_K}..{countdown.MAX_K} numbers, got {k!r}")
+
+    def make(rng: random.Random, split: str) -> tuple[str, str]:
+        puzzle = countdown.generate(rng, k, split)
+        return puzzle.input, puzzle.output
+
+    def check(text: str) -> None:
+        numbers, _ = countdown.parse_input(text)
+        if len(numbers) != k:
+            raise DreamError(f"a cd{k} puzzle has {k} numbers and a target, got {len(numbers)} numbers")
+
+    return Task(f"cd{k}", COUNTDOWN_ALPHABET, True, make, check, countdown.is_valid_solution)
+
+
+def _star_key(puzzle: stargraph.Puzzle) -> str:
+    # The graph and query without edge order or orientation: shuffles of one puzzle share a split.
+    edges = sorted(tuple(sorted(edge)) for edge in puzzle.edges)
+    return f"{edges}/{puzzle.centre},{puzzle.goal}"
+
+
+def star_task(degree: int, length: int) -> Task:
+    """Star graph G(degree, length), named "star-{degree}-{length}"; length counts the path's nodes incl. centre."""
+    stargraph.generate(random.Random(0), degree, length)  # validates the knobs now rather than at first use
+
+    def make(rng: random.Random, split: str) -> tuple[str, str]:
+        while True:
+            puzzle = stargraph.generate(rng, degree, length)
+            if key_in_split(_star_key(puzzle), split):
+                return puzzle.input, puzzle.output
+
+    return Task(f"star-{degree}-{length}", STAR_ALPHABET, False, make, stargraph.parse_input,
+                stargraph.is_valid_solution)
+
+
+TASKS: dict[str, Task] = {
+    task.name: task
+    for task in (
+        sudoku_task(4), sudoku_task(9),
+        countdown_task(3), countdown_task(4), countdown_task(5),
+        star_task(2, 5), star_task(3, 5), star_task(5, 5),
+    )
+}
+
+
+def task_names() -> list[str]:
+    """Names of the registered tasks."""
+    return list(TASKS)
+
+
+def register(task: Task) -> Task:
+    """Add a task (e.g. `star_task(7, 4)`) to the registry; re-registering the same name replaces it."""
+    TASKS[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    """The registered task with exactly this name, else DreamError listing the known names."""
+    task = TASKS.get(name)
+    if task is None:
+        raise DreamError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} "
+                         f"(other star graphs: register(star_task(d, l)))")
+    return task
+
+
+def make_examples(task_name: str, n: int, seed: int, split: str = "train") -> list[Example]:
+    """n examples of a task's split, deterministic in (task_name, split, seed)."""
+    task = get_task(task_name)
+    check_split(split, has_ood=task.has_ood, task=task.name)
+    if not isinstance(n, int) or n < 0:
+        raise DreamError(f"number of examples must be a non-negative integer, got {n!r}")
+    # A str seed is hashed with sha512 by random.Random (stable across runs); naming the split in it also gives
+    # train, test and ood different streams for the same seed.
+    rng = random.Random(f"dreamlm-tasks/{task.name}/{split}/{seed}")
+    return [task.generate(rng, split) for _ in range(n)]
+
+
+def write_dataset(task_name: str, n: int, seed: int, split: str, path: str | Path) -> Path:
+    """Write n examples as JSONL lines {"input": ..., "output": ...}; same arguments → byte-identical file."""
+    examples = make_examples(task_name, n, seed, split)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8", newline="\n") as f:
+        for example in examples:
+            f.write(json.dumps(example) + "\n")
+    return path

@@ -1,0 +1,169 @@
+"""Star graph G(d, l) path finding (Bachmann & Nagarajan, "The Pitfalls of Next-Token Prediction").
+
+Format (a contract, see planning.md): input is the shuffled edge list and the query, `12,7|7,33|...|12,41/12,58=`;
+output is the path from the centre to the goal, `12,41,9,58`.
+
+Conventions (those of the paper's reference generator, so `star-2-5` is its `deg_2_path_5`):
+- l counts the nodes of one arm *including the centre*, i.e. the answer path has l nodes and l-1 edges (in the
+  planning.md example `12,41,9,58` is a path of l = 4); the graph has 1 + d(l-1) nodes and d(l-1) edges.
+- Edges are written outward, parent first (`12,41`, then `41,9`), in shuffled order; the goal is an arm's leaf.
+- Node names are distinct random integers from 0..99, or from 0..10^m-1 with 10^m >= 2 * node count when the
+  graph has more than 50 nodes (so names stay sparse in their range).
+- The validator reads edges as undirected and requires a simple path (no repeated node); in a tree the simple
+  path between two nodes is unique, so this accepts exactly the right answer whichever way external sets orient
+  their edges.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import defaultdict, deque
+from dataclasses import dataclass
+
+from dreamlm.errors import DreamError
+
+_INT = r"(?:0|[1-9][0-9]*)"
+_INPUT = re.compile(rf"({_INT},{_INT}(?:\|{_INT},{_INT})*)/({_INT}),({_INT})=")
+_PATH = re.compile(rf"{_INT}(?:,{_INT})*")
+_MAX_DIGITS = 9  # node names are small; keeps int() cheap on garbage answers
+
+Edge = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Puzzle:
+    """A generated star graph: shuffled outward edges, the query (centre, goal) and the answer path."""
+
+    edges: tuple[Edge, ...]
+    centre: int
+    goal: int
+    path: tuple[int, ...]
+
+    @property
+    def input(self) -> str:
+        """The edge list and query in the spec text format."""
+        return format_input(self.edges, self.centre, self.goal)
+
+    @property
+    def output(self) -> str:
+        """The centre-to-goal path in the spec text format."""
+        return ",".join(map(str, self.path))
+
+
+def format_input(edges: list[Edge] | tuple[Edge, ...], centre: int, goal: int) -> str:
+    """`a,b|c,d|.../centre,goal=`."""
+    return "|".join(f"{a},{b}" for a, b in edges) + f"/{centre},{goal}="
+
+
+def node_range(degree: int, length: int) -> int:
+    """Node names are drawn from range(node_range(d, l)): 100, or a power of ten at least twice the node count."""
+    nodes = 1 + degree * (length - 1)
+    size = 100
+    while size < 2 * nodes:
+        size *= 10
+    return size
+
+
+def generate(rng: random.Random, degree: int, length: int) -> Puzzle:
+    """A random G(degree, length) with a random goal leaf; see the module docstring for the conventions."""
+    for name, value, low in (("degree", degree, 1), ("length", length, 2)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise DreamError(f"star graph {name} must be an integer >= {low}, got {value!r}")
+    arm = length - 1
+    names = rng.sample(range(node_range(degree, length)), 1 + degree * arm)
+    centre = names[0]
+    arms = [names[1 + i * arm:1 + (i + 1) * arm] for i in range(degree)]
+    edges = []
+    for nodes in arms:
+        chain = [centre, *nodes]
+        edges.extend(zip(chain, chain[1:]))
+    rng.shuffle(edges)
+    chosen = arms[rng.randrange(degree)]
+    return Puzzle(tuple(edges), centre, chosen[-1], (centre, *chosen))
+
+
+def parse_input(text: str) -> tuple[list[Edge], int, int]:
+    """Parse `a,b|.../centre,goal=` into (edges, centre, goal); malformed or unsolvable → DreamError."""
+    if not isinstance(text, str):
+        raise DreamError(f"a star graph puzzle must be text, got {type(text).__name__}")
+    body = text.strip()
+    match = _INPUT.fullmatch(body)
+    if match is None:
+        raise DreamError(f"a star graph puzzle must look like 'a,b|c,d|.../centre,goal=', got {body[:40]!r}")
+    if any(len(tok) > _MAX_DIGITS for tok in re.split(r"[,|/=]", body)):
+        raise DreamError(f"star graph node names must have at most {_MAX_DIGITS} digits")
+    edges = [(int(a), int(b)) for a, b in (pair.split(",") for pair in match.group(1).split("|"))]
+    centre, goal = int(match.group(2)), int(match.group(3))
+    seen: set[frozenset[int]] = set()
+    for a, b in edges:
+        if a == b:
+            raise DreamError(f"star graph edge {a},{b} is a self-loop")
+        if frozenset((a, b)) in seen:
+            raise DreamError(f"star graph edge {a},{b} appears twice")
+        seen.add(frozenset((a, b)))
+    if centre == goal:
+        raise DreamError(f"star graph query has the same centre and goal ({centre})")
+    adjacency = _adjacency(edges)
+    for role, node in (("centre", centre), ("goal", goal)):
+        if node not in adjacency:
+            raise DreamError(f"star graph {role} {node} is not a node of the graph")
+    if not _reachable(adjacency, centre, goal):
+        raise DreamError(f"star graph goal {goal} cannot be reached from the centre {centre}")
+    return edges, centre, goal
+
+
+def _adjacency(edges: list[Edge]) -> dict[int, set[int]]:
+    adjacency: dict[int, set[int]] = defaultdict(set)
+    for a, b in edges:
+        adjacency[a].add(b)
+        adjacency[b].add(a)
+    return adjacency
+
+
+def _reachable(adjacency: dict[int, set[int]], start: int, goal: int) -> bool:
+    seen, queue = {start}, deque([start])
+    while queue:
+        node = queue.popleft()
+        if node == goal:
+            return True
+        for nxt in adjacency[node] - seen:
+            seen.add(nxt)
+            queue.append(nxt)
+    return False
+
+
+def solve(text: str) -> list[int]:
+    """The centre-to-goal path of a puzzle (breadth-first search)."""
+    edges, centre, goal = parse_input(text)
+    adjacency = _adjacency(edges)
+    parent = {centre: centre}
+    queue = deque([centre])
+    while queue:
+        node = queue.popleft()
+        for nxt in sorted(adjacency[node]):
+            if nxt not in parent:
+                parent[nxt] = node
+                queue.append(nxt)
+    path = [goal]
+    while path[-1] != centre:
+        path.append(parent[path[-1]])
+    return path[::-1]
+
+
+def is_valid_solution(input_text: str, answer_text: str) -> bool:
+    """True if the answer is a simple path of graph edges from the centre to the goal.
+
+    Raises DreamError for a malformed puzzle (bad data); never raises on a malformed answer (returns False).
+    """
+    edges, centre, goal = parse_input(input_text)
+    if not isinstance(answer_text, str):
+        return False
+    body = answer_text.strip()
+    if not _PATH.fullmatch(body) or any(len(tok) > _MAX_DIGITS for tok in body.split(",")):
+        return False
+    path = [int(tok) for tok in body.split(",")]
+    if path[0] != centre or path[-1] != goal or len(set(path)) != len(path):
+        return False
+    adjacency = _adjacency(edges)
+    return all(b in adjacency.get(a, ()) for a, b in zip(path, path[1:]))

@@ -1,0 +1,403 @@
+"""Planning tasks: generators (determinism, uniqueness, splits), parsers and validators (accept right, reject wrong)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+import dreamlm.tasks as tasks
+from dreamlm.errors import DreamError
+from dreamlm.tasks import countdown, stargraph, sudoku
+from dreamlm.tasks.splits import key_split
+
+PLANNING_SUDOKU4 = "0042\n2031\n4023\n3214"
+PLANNING_CD = ("86,28,13,31,96", "86+28=114,31-13=18,114-18=96")
+# planning.md elides the middle of its star example (`12,7|7,33|…|12,41/12,58=`); this is a completion of it.
+PLANNING_STAR = ("12,7|7,33|41,9|9,58|12,41/12,58=", "12,41,9,58")
+
+
+def flat(grid: list[list[int]]) -> list[int]:
+    return [v for row in grid for v in row]
+
+
+# ---------------------------------------------------------------- registry, determinism, files
+
+
+def test_registry_names_and_alphabets():
+    assert tasks.task_names() == ["sudoku4", "sudoku9", "cd3", "cd4", "cd5", "star-2-5", "star-3-5", "star-5-5"]
+    assert tasks.get_task("sudoku4").alphabet == "01234\n"
+    assert tasks.get_task("cd4").alphabet == "0123456789+-*/=,"
+    with pytest.raises(DreamError, match="unknown task"):
+        tasks.get_task("sudoku")
+    with pytest.raises(DreamError, match="unknown task"):
+        tasks.get_task("star-7-4")  # exact names only, no pattern matching
+    custom = tasks.register(tasks.star_task(7, 4))
+    try:
+        assert tasks.get_task("star-7-4") is custom
+        example = custom.generate(random.Random(0))
+        assert len(example["output"].split(",")) == 4
+        assert custom.validate(example["input"], example["output"])
+    finally:
+        del tasks.TASKS["star-7-4"]
+
+
+@pytest.mark.parametrize("name", tasks.task_names())
+def test_generated_examples_validate_and_use_the_alphabet(name):
+    task = tasks.get_task(name)
+    count = 10 if name == "sudoku9" else 25
+    examples = tasks.make_examples(name, count, seed=3, split="train")
+    examples += tasks.make_examples(name, count // 5, seed=3, split="test")
+    for example in examples:
+        task.check_input(example["input"])
+        assert task.validate(example["input"], example["output"]), example
+        assert set(example["input"] + example["output"]) <= set(task.alphabet)
+
+
+@pytest.mark.parametrize("name", ["sudoku4", "sudoku9", "cd4", "star-3-5"])
+def test_generation_is_deterministic(name):
+    n = 3 if name == "sudoku9" else 10
+    first = tasks.make_examples(name, n, seed=7, split="train")
+    assert first == tasks.make_examples(name, n, seed=7, split="train")
+    assert first != tasks.make_examples(name, n, seed=8, split="train")
+    assert first != tasks.make_examples(name, n, seed=7, split="test")
+
+
+def test_write_dataset_is_deterministic_jsonl(tmp_path: Path):
+    a = tasks.write_dataset("cd3", 20, 1, "ood", tmp_path / "a" / "cd3.jsonl")
+    b = tasks.write_dataset("cd3", 20, 1, "ood", tmp_path / "b.jsonl")
+    assert a.read_bytes() == b.read_bytes()
+    rows = [json.loads(line) for line in a.read_text().splitlines()]
+    assert len(rows) == 20 and all(set(row) == {"input", "output"} for row in rows)
+    s4 = tasks.write_dataset("sudoku4", 5, 1, "train", tmp_path / "s4.jsonl")
+    assert "\\n" in s4.read_text().splitlines()[0]  # the 4×4 row separator survives as an escaped newline
+
+
+def test_splits_are_checked():
+    for name in ("sudoku4", "sudoku9", "star-2-5"):
+        with pytest.raises(DreamError, match=f"task {name} has no ood split"):
+            tasks.get_task(name).generate(random.Random(0), "ood")
+    with pytest.raises(DreamError, match="unknown split"):
+        tasks.make_examples("cd3", 1, 0, "valid")
+
+
+# ---------------------------------------------------------------- sudoku
+
+
+@pytest.mark.parametrize("size,blanks", [(4, b) for b in range(13)] + [(9, 40), (9, 50), (9, 56), (9, 60)])
+def test_sudoku_unique_solution_and_exact_blanks(size, blanks):
+    rng = random.Random(blanks)
+    puzzle = sudoku.generate(rng, size, blanks)
+    assert puzzle.blanks == blanks
+    assert sudoku.count_solutions(puzzle.givens, limit=5) == 1
+    assert sudoku.solve(puzzle.givens) == puzzle.solution
+    assert all(g in (0, s) for g, s in zip(flat(puzzle.givens), flat(puzzle.solution)))
+    assert sudoku.is_valid_solution(puzzle.input, puzzle.output)
+
+
+def test_sudoku_impossible_blank_counts():
+    for size, blanks in ((4, 13), (9, 62), (9, -1)):
+        with pytest.raises(DreamError, match="blanks"):
+            sudoku.generate(random.Random(0), size, blanks)
+    with pytest.raises(DreamError, match="4 or 9"):
+        sudoku.generate(random.Random(0), 6, 10)
+
+
+def test_sudoku_train_and_test_never_share_a_solution_grid():
+    rng = random.Random(0)
+    for split in ("train", "test"):
+        for _ in range(10):
+            puzzle = sudoku.generate(rng, 4, 8, split=split)
+            assert key_split("".join(map(str, flat(puzzle.solution)))) == split
+
+
+def test_sudoku_planning_example_is_a_valid_puzzle():
+    grid = sudoku.parse(PLANNING_SUDOKU4)
+    assert sudoku.count_solutions(grid) == 1
+    assert sudoku.format(sudoku.solve(grid)) == "1342\n2431\n4123\n3214"
+    assert sudoku.is_valid_solution(PLANNING_SUDOKU4, "1342\n2431\n4123\n3214")
+    assert tasks.get_task("sudoku4").validate(PLANNING_SUDOKU4, "1342\n2431\n4123\n3214")
+
+
+def test_sudoku_format_round_trips():
+    for size, blanks in ((4, 8), (9, 45)):
+        puzzle = sudoku.generate(random.Random(1), size, blanks)
+        for grid in (puzzle.givens, puzzle.solution):
+            assert sudoku.parse(sudoku.format(grid)) == grid
+        assert sudoku.format(sudoku.parse(puzzle.input)) == puzzle.input
+    assert len(puzzle.input) == 81 and puzzle.input.isdigit()
+    # surrounding whitespace, CRLF and the one-line 16-character form are accepted for 4×4
+    assert sudoku.parse("  " + PLANNING_SUDOKU4.replace("\n", "\r\n") + "\n") == sudoku.parse(PLANNING_SUDOKU4)
+    assert sudoku.parse(PLANNING_SUDOKU4.replace("\n", "")) == sudoku.parse(PLANNING_SUDOKU4, size=4)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("0" * 80, "81 characters"),
+    ("0" * 82, "81 characters"),
+    ("0" * 80 + ".", "only contain digits"),
+    ("0042\n2031\n4023", "4 rows of 4"),
+    ("0042\n2031\n4023\n32145", "4 rows of 4"),
+    ("0052\n2031\n4023\n3214", "digits 0..4"),
+    ("0a42\n2031\n4023\n3214", "digits 0..4"),
+    ("4042\n2031\n4023\n3214", "appears twice in row 1"),
+    ("0042\n2031\n4023\n3212", "twice"),
+    ("1000\n0100\n0000\n0000", "appears twice in box 1"),
+    ("1000\n0000\n0000\n1000", "appears twice in column 1"),
+    ("11" + "0" * 79, "appears twice in row 1"),
+    ("", "got 0 characters"),
+])
+def test_sudoku_malformed_puzzles_raise(text, message):
+    with pytest.raises(DreamError, match=message):
+        sudoku.parse(text)
+    with pytest.raises(DreamError):
+        tasks.get_task("sudoku4" if "\n" in text else "sudoku9").check_input(text)
+
+
+def test_sudoku_size_mismatch_raises():
+    with pytest.raises(DreamError):
+        sudoku.parse("0" * 81, size=4)
+    with pytest.raises(DreamError):
+        tasks.get_task("sudoku9").check_input(PLANNING_SUDOKU4)
+
+
+def test_sudoku_validator_rejects_corrupted_answers():
+    puzzle = sudoku.generate(random.Random(4), 9, 45)
+    givens, solution = flat(puzzle.givens), flat(puzzle.solution)
+    blank = givens.index(0)
+    given = next(i for i, v in enumerate(givens) if v)
+
+    def text(cells: list[int]) -> str:
+        return "".join(map(str, cells))
+
+    wrong_digit = list(solution)
+    wrong_digit[blank] = wrong_digit[blank] % 9 + 1
+    # Swapping two cells of a row keeps the row a permutation but breaks columns.
+    swapped = list(solution)
+    swapped[0], swapped[4] = swapped[4], swapped[0]
+    # Relabelling two digits gives another valid sudoku, but one that drops the puzzle's givens.
+    a, b = solution[given], solution[given] % 9 + 1
+    relabelled = [b if v == a else a if v == b else v for v in solution]
+    assert sudoku.is_valid_solution(text(relabelled), text(relabelled))
+    left_blank = list(solution)
+    left_blank[blank] = 0
+    for answer in (text(wrong_digit), text(swapped), text(relabelled), text(left_blank), text(solution)[:-1],
+                   text(solution) + "1", "", "garbage", "x" * 81, PLANNING_SUDOKU4, None, 12345):
+        assert not sudoku.is_valid_solution(puzzle.input, answer)
+    assert sudoku.is_valid_solution(puzzle.input, "\n " + puzzle.output + " \n")
+
+
+def test_sudoku_validator_accepts_any_solution_of_an_ambiguous_puzzle():
+    empty = "0000\n0000\n0000\n0000"
+    assert sudoku.count_solutions(sudoku.parse(empty), limit=1000) == 288
+    assert sudoku.is_valid_solution(empty, "1234\n3412\n2143\n4321")
+    assert sudoku.is_valid_solution(empty, "4321\n2143\n3412\n1234")
+    assert not sudoku.is_valid_solution(empty, "1234\n2341\n3412\n4123")  # rows and columns fine, boxes not
+    with pytest.raises(DreamError):
+        sudoku.is_valid_solution("1100\n0000\n0000\n0000", "1234\n3412\n2143\n4321")  # the puzzle is bad
+
+
+# ---------------------------------------------------------------- countdown
+
+
+def test_countdown_planning_example():
+    numbers, target = countdown.parse_input(PLANNING_CD[0])
+    assert (numbers, target) == ([86, 28, 13, 31], 96)
+    assert countdown.is_valid_solution(*PLANNING_CD)
+    assert tasks.get_task("cd4").validate(*PLANNING_CD)
+    # The deterministic DFS finds exactly the example's solution first.
+    assert countdown.format_steps(countdown.solve(numbers, target)) == PLANNING_CD[1]
+
+
+@pytest.mark.parametrize("answer", [
+    "86+28=114,31-13=18,114-18=97",  # wrong arithmetic
+    "86+28=114,31-13=18,114-17=97",  # right arithmetic, 17 never available, wrong target
+    "86+28=114,86-13=73,114-18=96",  # 86 reused
+    "86+28=114,114-18=96,31-13=18",  # 18 used before it exists
+    "86+28=114,13-31=-18,114-18=96",  # smaller-first subtraction
+    "86+28=114,13-31=18,114-18=96",  # smaller-first subtraction
+    "86+28=114,31-13=18,114+18=132",  # last result is not the target
+    "86+28=114,31-13=18",  # missing equation
+    "86+28=114,31-13=18,114-18=96,96-0=96",  # extra equation
+    "86+28=114,31+13=44,114-44=70",  # valid arithmetic, wrong target
+    "86-28=58,31-13=18,58/18=3",  # non-exact division
+    "86+28=114,31-13=18,114-18=96,",  # trailing comma
+    "86 + 28 = 114,31-13=18,114-18=96",
+    "086+28=114,31-13=18,114-18=96",
+    "86+28=114;31-13=18;114-18=96",
+    "__import__('os').system('true')",
+    "",
+    "9" * 5000 + "+1=1,31-13=18,114-18=96",
+    None,
+])
+def test_countdown_validator_rejects(answer):
+    assert not countdown.is_valid_solution(PLANNING_CD[0], answer)
+
+
+def test_countdown_validator_rules():
+    assert countdown.is_valid_solution("6,4,3,2,12", "6*4=24,3-2=1,24/2=12") is False  # 2 used twice, 1 unused
+    assert countdown.is_valid_solution("6,4,3,2,8", "6/3=2,4*2=8,2*8=16") is False  # wrong final target
+    assert countdown.is_valid_solution("6,4,3,2,16", "6/3=2,4*2=8,2*8=16")  # equal numbers: one of each
+    assert countdown.is_valid_solution("6,4,3,2,16", "6/3=2,4*2=8,8*2=16")  # operand order of * is free
+    assert countdown.is_valid_solution("3,5,7,15", "3*5=15,7/7=1") is False  # 7 used twice
+    assert countdown.is_valid_solution("7,3,10", "3+7=10")
+    assert not countdown.is_valid_solution("7,3,10", "7+3=10,0+10=10")
+    assert not countdown.is_valid_solution("7,3,3", "7/3=2")  # not exact (7 != 3*2)
+    with pytest.raises(DreamError):
+        countdown.is_valid_solution("7,0,7", "7+0=7")  # 0 is not a valid input number
+    # Zero results are accepted by the validator (the generator never makes them); division by zero is not.
+    assert countdown.is_valid_solution("5,5,7,7", "5-5=0,7+0=7")
+    assert countdown.is_valid_solution("5,5,7,7", "5-5=0,7-0=7")
+    assert not countdown.is_valid_solution("5,5,7,7", "5-5=0,7/0=7")
+
+
+@pytest.mark.parametrize("text,message", [
+    ("86,28,13,31,0", "target must be in 1..1000"),
+    ("86,28,13,31,1001", "target must be in 1..1000"),
+    ("86,28,0,31,96", "numbers must be in 1..99"),
+    ("86,28,100,31,96", "numbers must be in 1..99"),
+    ("86,28.5,13,31,96", "comma-separated"),
+    ("86,-28,13,31,96", "comma-separated"),
+    ("86,a,13,31,96", "comma-separated"),
+    ("86,,13,31,96", "comma-separated"),
+    ("86 28 13 31 96", "comma-separated"),
+    ("5,10", "at least 2 numbers"),
+    ("", "comma-separated"),
+])
+def test_countdown_malformed_inputs_raise(text, message):
+    with pytest.raises(DreamError, match=message):
+        countdown.parse_input(text)
+    with pytest.raises(DreamError):
+        countdown.is_valid_solution(text, "1+1=2")
+
+
+def test_countdown_parse_is_lenient_on_whitespace_and_checks_k():
+    assert countdown.parse_input(" 86,28,13,31,96\n") == ([86, 28, 13, 31], 96)
+    assert countdown.parse_input("1,2,999") == ([1, 2], 999)  # external sets may use larger targets
+    with pytest.raises(DreamError, match="cd3 puzzle has 3 numbers"):
+        tasks.get_task("cd3").check_input(PLANNING_CD[0])
+
+
+def test_countdown_generator_conventions():
+    rng = random.Random(5)
+    for k in (3, 4, 5):
+        for _ in range(15):
+            puzzle = countdown.generate(rng, k, "train")
+            assert len(puzzle.numbers) == k and len(puzzle.steps) == k - 1
+            assert all(1 <= x <= 99 for x in puzzle.numbers) and 10 <= puzzle.target <= 100
+            assert puzzle.steps[-1].result == puzzle.target
+            assert all(step.result > 0 for step in puzzle.steps)  # no zero results from the generator
+            assert countdown.solve(puzzle.numbers, puzzle.target) == list(puzzle.steps)
+            assert countdown.is_valid_solution(puzzle.input, puzzle.output)
+
+
+def test_countdown_ood_split_holds_out_targets():
+    assert countdown.OOD_TARGETS == (17, 27, 37, 47, 57, 67, 77, 87, 97)
+    held_out = set(countdown.OOD_TARGETS)
+    assert 0.08 <= len(held_out) / 91 <= 0.12
+    ood = tasks.make_examples("cd3", 40, 0, "ood")
+    assert {countdown.parse_input(e["input"])[1] for e in ood} <= held_out
+    for split in ("train", "test"):
+        examples = tasks.make_examples("cd3", 80, 0, split)
+        assert not {countdown.parse_input(e["input"])[1] for e in examples} & held_out
+
+
+def test_countdown_train_and_test_are_disjoint():
+    def keys(split: str) -> set[str]:
+        out = set()
+        for e in tasks.make_examples("cd3", 60, 0, split):
+            numbers, target = countdown.parse_input(e["input"])
+            out.add(f"{sorted(numbers)}:{target}")
+        return out
+
+    train, test = keys("train"), keys("test")
+    assert not train & test
+    assert all(key_split(k) == "train" for k in train) and all(key_split(k) == "test" for k in test)
+
+
+def test_countdown_bad_k():
+    with pytest.raises(DreamError):
+        countdown.generate(random.Random(0), 1)
+    with pytest.raises(DreamError):
+        tasks.countdown_task(9)
+
+
+# ---------------------------------------------------------------- star graph
+
+
+def test_star_planning_example():
+    assert stargraph.parse_input(PLANNING_STAR[0]) == ([(12, 7), (7, 33), (41, 9), (9, 58), (12, 41)], 12, 58)
+    assert stargraph.is_valid_solution(*PLANNING_STAR)
+    assert stargraph.solve(PLANNING_STAR[0]) == [12, 41, 9, 58]
+
+
+@pytest.mark.parametrize("degree,length", [(2, 5), (3, 5), (5, 5), (1, 2), (30, 4)])
+def test_star_generator_conventions(degree, length):
+    rng = random.Random(degree)
+    for _ in range(10):
+        puzzle = stargraph.generate(rng, degree, length)
+        nodes = {x for edge in puzzle.edges for x in edge}
+        assert len(puzzle.edges) == degree * (length - 1) and len(nodes) == 1 + degree * (length - 1)
+        assert max(nodes) < stargraph.node_range(degree, length)
+        assert len(puzzle.path) == length and puzzle.path[0] == puzzle.centre and puzzle.path[-1] == puzzle.goal
+        assert sum(puzzle.centre in edge for edge in puzzle.edges) == degree
+        assert stargraph.solve(puzzle.input) == list(puzzle.path)
+        assert stargraph.is_valid_solution(puzzle.input, puzzle.output)
+        assert stargraph.parse_input(puzzle.input) == (list(puzzle.edges), puzzle.centre, puzzle.goal)
+    assert stargraph.node_range(30, 4) == 1000
+
+
+@pytest.mark.parametrize("answer", [
+    "12,41,58",  # broken path (skips 9)
+    "41,9,58",  # does not start at the centre
+    "12,41,9",  # does not end at the goal
+    "12,7,33",  # wrong arm
+    "12,41,12,41,9,58",  # back and forth along real edges
+    "12,7,12,41,9,58",
+    "58,9,41,12",  # reversed
+    "12,41,9,58,",
+    "12, 41, 9, 58",
+    "12,41,9,58=",
+    "",
+    "garbage",
+    None,
+])
+def test_star_validator_rejects(answer):
+    assert not stargraph.is_valid_solution(PLANNING_STAR[0], answer)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("12,7|7,33|41,9|9,58|12,41/12,58", "must look like"),
+    ("12,7|7,33|41,9|9,58|12,41|12,58=", "must look like"),
+    ("12,7|7,33||12,41/12,58=", "must look like"),
+    ("12-7|7,33/12,33=", "must look like"),
+    ("12,7|7,7/12,7=", "self-loop"),
+    ("12,7|7,12/12,7=", "appears twice"),
+    ("12,7|7,33/12,12=", "same centre and goal"),
+    ("12,7|7,33/5,33=", "centre 5 is not a node"),
+    ("12,7|7,33/12,58=", "goal 58 is not a node"),
+    ("12,7|33,58/12,58=", "cannot be reached"),
+    ("", "must look like"),
+])
+def test_star_malformed_inputs_raise(text, message):
+    with pytest.raises(DreamError, match=message):
+        stargraph.parse_input(text)
+    with pytest.raises(DreamError):
+        tasks.get_task("star-2-5").validate(text, "12,7")
+
+
+def test_star_bad_knobs():
+    with pytest.raises(DreamError):
+        stargraph.generate(random.Random(0), 0, 5)
+    with pytest.raises(DreamError):
+        tasks.star_task(2, 1)
+
+
+# ---------------------------------------------------------------- hygiene
+
+
+def test_no_eval_or_exec_in_task_code():
+    for path in Path(tasks.__file__).parent.glob("*.py"):
+        source = path.read_text()
+        assert "eval(" not in source and "exec(" not in source, path

@@ -212,6 +212,25 @@ def train(
             out.print(f"model written to {path}")
 
 
+@app.command()
+def data(
+    task: str = typer.Argument(..., help="Task name: sudoku4, sudoku9, cd3, cd4, cd5, star-2-5, star-3-5, star-5-5."),
+    n: int = typer.Option(1000, "--n", help="Number of examples."),
+    seed: int = typer.Option(0, help="Seed (same seed, same file)."),
+    split: str = typer.Option("train", help="train, test or ood (countdown's held-out targets)."),
+    out: Path = typer.Option(..., "--out", help="JSONL file to write ({\"input\", \"output\"} per line)."),
+) -> None:
+    """Generate a planning dataset in the spec's formats."""
+    from dreamlm.tasks import write_dataset
+
+    with user_errors():
+        if n < 1:
+            raise DreamError("--n must be >= 1")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_dataset(task, n, seed, split, out)
+        err.print(f"wrote {n} {task} {split} examples to {out}")
+
+
 @app.command("train-tokenizer")
 def train_tokenizer_cmd(
     out_dir: Path = typer.Argument(..., help="Directory to write the tokenizer into."),
@@ -243,6 +262,122 @@ def convert(
     with user_errors():
         model = convert_ar_checkpoint(source, target, max_shard_size=max_shard_size)
         out.print(f"wrote {target} (mask token id {model.config.mask_token_id}, vocab {model.config.vocab_size})")
+
+
+@app.command()
+def solve(
+    kind: str = typer.Argument(..., help="sudoku, countdown, path (or an exact task name such as star-3-5)."),
+    puzzle: Optional[str] = typer.Argument(None, help="The puzzle in the spec's format (\\n allowed for newlines)."),
+    file: Optional[Path] = typer.Option(None, "--file", help="JSONL of {\"input\": ...} lines to solve."),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="Write {\"input\",\"output\",\"valid\"} lines here."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Planning model directory (default: bundled)."),
+    ar: bool = typer.Option(False, "--ar", help="Use the bundled AR baseline instead of the diffusion solver."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: one per answer token)."),
+    show: bool = ShowOpt,
+    delay: float = typer.Option(0.12, help="Seconds to hold each frame of --show."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Solve a planning puzzle; prints the answer and whether it obeys the rules."""
+    from dreamlm.solver import Solver, bundled_model_dir, normalise_puzzle, resolve_task
+    from dreamlm.view import CanvasView
+
+    with user_errors():
+        if (puzzle is None) == (file is None):
+            raise DreamError("give one puzzle or --file IN.jsonl")
+        if file is not None:
+            if not file.is_file():
+                raise DreamError(f"{file} does not exist")
+            try:
+                puzzles = [json.loads(line)["input"] for line in file.read_text().splitlines() if line.strip()]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DreamError(f"{file}: every line must be a JSON object with an \"input\"") from None
+        else:
+            puzzles = [normalise_puzzle(puzzle)]
+        if not puzzles:
+            raise DreamError("no puzzles to solve")
+        solvers: dict[str, Solver] = {}
+        results = []
+        for text in puzzles:
+            name = resolve_task(kind, text)
+            if name not in solvers:
+                path = model or bundled_model_dir(f"{name}-{'ar' if ar else 'diffusion'}")
+                if not (path / "config.json").is_file():
+                    raise DreamError(f"no bundled model for {name} yet; train one (recipes/planning) and pass --model")
+                solvers[name] = Solver(path)
+            solver = solvers[name]
+            view = None
+            if show and solver.kind == "diffusion":
+                view = CanvasView(solver.tok, solver.model.config.mask_token_id, len(solver.prompt_ids(text)),
+                                  steps or solver.seq_len - len(solver.prompt_ids(text)), delay=delay,
+                                  title=f"{name} · diffusion")
+            try:
+                results += solver.solve([text], steps=steps, hook=view)
+            finally:
+                if view is not None:
+                    view.close()
+        if out_file is not None:
+            out_file.write_text("".join(json.dumps({"input": r.input, "output": r.output, "valid": r.valid}) + "\n"
+                                        for r in results))
+            err.print(f"{sum(r.valid for r in results)}/{len(results)} valid; wrote {out_file}")
+        elif as_json:
+            print(json.dumps([r.to_dict() for r in results]))
+        else:
+            for r in results:
+                out.print(r.output, highlight=False)
+                out.print("[green]valid[/]" if r.valid else "[red]invalid: breaks the rules[/]")
+
+
+@app.command()
+def demo(n: int = typer.Option(100, help="Held-out puzzles per task for the accuracy table."),
+         delay: float = typer.Option(0.12, help="Seconds to hold each frame of the live view.")) -> None:
+    """Watch the bundled diffusion solver fill in Sudoku out of order, then diffusion vs AR accuracy (offline)."""
+    from dreamlm.bench import TEST_SEED, available_tasks, score
+    from dreamlm.solver import Solver, bundled_model_dir
+    from dreamlm.tasks import make_examples
+    from dreamlm.view import CanvasView
+
+    with user_errors():
+        tasks = available_tasks()
+        if not tasks:
+            raise DreamError("no bundled planning models are installed")
+        first = tasks[0]
+        solver = Solver(bundled_model_dir(f"{first}-diffusion"))
+        for example in make_examples(first, 3, TEST_SEED + 100, "test"):
+            start = len(solver.prompt_ids(example["input"]))
+            view = CanvasView(solver.tok, solver.model.config.mask_token_id, start, solver.seq_len - start,
+                              delay=delay, title=f"{first} · diffusion solver")
+            try:
+                result = solver.solve([example["input"]], hook=view)[0]
+            finally:
+                view.close()
+            out.print("[green]valid solution[/]" if result.valid else "[red]invalid[/]")
+        table = Table(title=f"diffusion vs AR, {n} held-out puzzles per task (same size, data, steps)")
+        for col in ("task", "diffusion acc", "AR acc", "diffusion passes", "AR passes"):
+            table.add_column(col)
+        for name in tasks:
+            puzzles = [e["input"] for e in make_examples(name, n, TEST_SEED, "test")]
+            d = score(Solver(bundled_model_dir(f"{name}-diffusion")), puzzles)
+            a = score(Solver(bundled_model_dir(f"{name}-ar")), puzzles)
+            table.add_row(name, f"{100 * d.accuracy:.0f} %", f"{100 * a.accuracy:.0f} %",
+                          f"{d.forward_passes:.0f}", f"{a.forward_passes:.0f}")
+        out.print(table)
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: planning accuracy, decoding speed.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("planning")
+def bench_planning(n: int = typer.Option(200, help="Held-out puzzles per task and split."),
+                   out_dir: Path = typer.Option(Path("benchmarks/results"), "--out", help="Where to write tables.")
+                   ) -> None:
+    """Diffusion vs AR on held-out splits: accuracy, forward passes, time; accuracy vs diffusion steps."""
+    from dreamlm.bench import planning, planning_table
+
+    with user_errors():
+        report = planning(n=n, out_dir=out_dir)
+        print(planning_table(report))
+        err.print(f"machine: {report['machine']}; wrote {out_dir}/planning.(md|json|png)")
 
 
 def main() -> None:

@@ -112,3 +112,31 @@ class Solver:
     def decode(self, ids: list[int]) -> str:
         """Answer text: up to the first EOS, specials dropped."""
         return self.tok.decode(cut_at_eos(ids, self.model.config.eos_token_id), skip_special_tokens=True)
+
+
+def resolve_task(kind: str, puzzle: str) -> str:
+    """A registry task name from a family name and a puzzle: sudoku → sudoku4/9 by size, countdown → cdN by the
+    count of numbers, path → star-D-L from the graph's shape; an exact task name passes through."""
+    from dreamlm.tasks import TASKS, stargraph
+
+    if kind in TASKS:
+        return kind
+    text = puzzle.strip()
+    if kind == "sudoku":
+        digits = sum(ch.isdigit() for ch in text)
+        return "sudoku9" if digits > 16 else "sudoku4"
+    if kind == "countdown":
+        parts = text.split(",")
+        return f"cd{max(len(parts) - 1, 1)}"
+    if kind == "path":
+        edges, centre, _ = stargraph.parse_input(text)
+        degree = sum(centre in e for e in edges)
+        nodes = len({n for e in edges for n in e})
+        length = (nodes - 1) // max(degree, 1) + 1
+        return f"star-{degree}-{length}"
+    raise DreamError(f"unknown task {kind!r}; use sudoku, countdown, path or one of {', '.join(TASKS)}")
+
+
+def normalise_puzzle(text: str) -> str:
+    """Accept a literal backslash-n typed on a command line as a newline."""
+    return text.strip().replace("\\n", "\n")

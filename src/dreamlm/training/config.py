@@ -8,7 +8,8 @@ Sections and keys (all optional except data.train):
 [data]       stage ("pretrain": packed text/JSONL "text"; "sft": JSONL prompt/response, input/output or messages),
              train (list of files), valid (list of files), seq_len, chat (apply the chat template to prompts),
              separator (text appended to each prompt, e.g. "<|sep|>"), random_truncation (cut each SFT batch's
-             padded tail at a random length)
+             padded tail at a random length), task (a planning task name, e.g. "sudoku4": the exported
+             model then records it for `dreamlm solve`)
 [objective]  kind ("diffusion" or "ar"), weighting ("elbo" = 1/t, "linear", "cart", "none"), cart_p,
              focal_gamma (0 = off), focal_alpha, eps
 [optim]      lr, min_lr_ratio (cosine floor as a fraction of lr), weight_decay, beta1, beta2, warmup_steps,
@@ -53,6 +54,7 @@ class DataSection:
     chat: bool = False
     separator: str = ""
     random_truncation: bool = False
+    task: str = ""
 
 
 @dataclass

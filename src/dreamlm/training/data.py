@@ -34,7 +34,7 @@ def char_tokenizer(alphabet: str) -> DreamTokenizer:
     for ch in chars:
         vocab.setdefault(ch, len(vocab))
     tok = Tokenizer(WordLevel(vocab, unk_token="<|pad|>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("(?m)."), behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in CHAR_SPECIALS])
     config = {"eos_token": "<|endoftext|>", "pad_token": "<|pad|>", "mask_token": "<|mask|>",

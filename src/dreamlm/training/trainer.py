@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -92,6 +93,10 @@ def build_model(cfg: TrainConfig, tokenizer: DreamTokenizer) -> DreamModel:
         model = DreamModel(config).init_weights(cfg.run.seed)
     if cfg.objective.kind == "diffusion" and model.config.mask_token_id is None:
         raise DreamError("diffusion training needs a mask token: run `dreamlm convert` on the AR checkpoint first")
+    if cfg.data.task:
+        from dreamlm.tasks import get_task
+
+        get_task(cfg.data.task)  # an unknown name fails now, not after training
     if cfg.data.seq_len > model.config.max_position_embeddings:
         raise DreamError(f"data.seq_len={cfg.data.seq_len} exceeds the model's {model.config.max_position_embeddings} "
                          "positions")
@@ -242,6 +247,11 @@ class Trainer:
                 plain = DreamModel(self.model_config)
             plain.load_state_dict(model_state, assign=True)
             plain.to(dtype).save_pretrained(path, tokenizer=self.tokenizer)
+            if self.cfg.data.task:
+                from dreamlm.solver import write_task_file
+
+                write_task_file(path, self.cfg.data.task, self.cfg.data.seq_len, self.cfg.data.separator,
+                                "dreamlm " + " ".join(sys.argv[1:]) if sys.argv else "")
         barrier(self.world)
         return path
 

@@ -1,0 +1,103 @@
+"""Solving puzzles: the solver interface, `dreamlm solve` / `data` on a tiny random planning model, and errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dreamlm.config import DreamConfig
+from dreamlm.errors import DreamError
+from dreamlm.model import DreamModel
+from dreamlm.solver import Solver, normalise_puzzle, resolve_task, write_task_file
+from dreamlm.tasks import get_task
+from dreamlm.training.data import char_tokenizer
+
+runner = CliRunner()
+
+
+def planning_model(path, task="sudoku4", causal=False, seq_len=40):
+    tok = char_tokenizer(get_task(task).alphabet)
+    config = DreamConfig(vocab_size=16 if task == "sudoku4" else 24, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=64, mask_token_id=tok.mask_token_id, pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, causal=causal)
+    DreamModel(config).init_weights(0).save_pretrained(path, tokenizer=tok)
+    write_task_file(path, task, seq_len, "<|sep|>", "test fixture")
+    return path
+
+
+@pytest.fixture(scope="module")
+def sudoku_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("planning")
+    return planning_model(root / "diff"), planning_model(root / "ar", causal=True)
+
+
+PUZZLE = "0042\n2031\n4023\n3214"
+
+
+def test_solver_reports_validity_by_the_rules(sudoku_dirs):
+    for path in sudoku_dirs:
+        solver = Solver(path)
+        [sol] = solver.solve([PUZZLE])
+        assert sol.valid == get_task("sudoku4").validate(PUZZLE, sol.output)
+        assert sol.forward_passes >= 1 and sol.input == PUZZLE
+    assert Solver(sudoku_dirs[0]).kind == "diffusion" and Solver(sudoku_dirs[1]).kind == "ar"
+
+
+def test_malformed_puzzles_are_refused(sudoku_dirs):
+    solver = Solver(sudoku_dirs[0])
+    for bad, message in [("0042\n2031\n4023", ""), ("0042\n2031\n40x3\n3214", ""), ("1142\n2031\n4023\n3214", "")]:
+        with pytest.raises(DreamError):
+            solver.solve([bad])
+
+
+def test_resolve_task_and_normalise():
+    assert resolve_task("sudoku", "0" * 81) == "sudoku9" and resolve_task("sudoku", PUZZLE) == "sudoku4"
+    assert resolve_task("countdown", "86,28,13,31,96") == "cd4" and resolve_task("cd3", "x") == "cd3"
+    path = get_task("star-3-5").generate(__import__("random").Random(0), "train")["input"]
+    assert resolve_task("path", path) == "star-3-5"
+    assert normalise_puzzle("0042\\n2031") == "0042\n2031"
+    with pytest.raises(DreamError, match="unknown task 'chess'"):
+        resolve_task("chess", "x")
+
+
+def test_cli_solve_text_json_and_files(sudoku_dirs, tmp_path):
+    from dreamlm.cli import app
+
+    res = runner.invoke(app, ["solve", "sudoku", "0042\\n2031\\n4023\\n3214", "-m", str(sudoku_dirs[0]), "--json"])
+    assert res.exit_code == 0, res.output
+    [sol] = json.loads(res.stdout)
+    assert sol["valid"] == get_task("sudoku4").validate(PUZZLE, sol["output"])
+    res = runner.invoke(app, ["solve", "sudoku", PUZZLE, "-m", str(sudoku_dirs[0]), "--show", "--delay", "0"])
+    assert res.exit_code == 0 and "masks left" in res.output
+    data = tmp_path / "in.jsonl"
+    assert runner.invoke(app, ["data", "sudoku4", "--n", "5", "--split", "test", "--out", str(data)]).exit_code == 0
+    out = tmp_path / "out.jsonl"
+    res = runner.invoke(app, ["solve", "sudoku", "--file", str(data), "--out", str(out), "-m", str(sudoku_dirs[1])])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 5 and all(set(r) == {"input", "output", "valid"} for r in rows)
+    assert all(r["valid"] == get_task("sudoku4").validate(r["input"], r["output"]) for r in rows)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["solve", "sudoku", "0042\\n2031\\n4023"], "sudoku"),
+    (["solve", "sudoku", "1142\\n2031\\n4023\\n3214"], ""),
+    (["solve", "countdown", "86,28,13,31,500"], ""),
+    (["solve", "chess", "e4"], "unknown task 'chess'"),
+    (["solve", "sudoku"], "give one puzzle or --file"),
+    (["data", "nope", "--out", "x.jsonl"], "unknown task 'nope'"),
+    (["data", "sudoku4", "--split", "ood", "--out", "x.jsonl"], "no ood split"),
+])
+def test_cli_errors_are_one_line(sudoku_dirs, args, message):
+    from dreamlm.cli import app
+
+    if args[0] == "solve" and args[1] == "sudoku" and len(args) > 2:
+        args = args + ["-m", str(sudoku_dirs[0])]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0] and "Traceback" not in res.output

@@ -145,3 +145,168 @@ def write_planning_report(report: dict[str, Any], out_dir: Path) -> None:
     fig.tight_layout()
     fig.savefig(out_dir / "planning.png", dpi=120)
     plt.close(fig)
+
+
+# ---- decoding speed ---------------------------------------------------------------------------------------------
+FAST_MODES: dict[str, dict[str, Any]] = {
+    "vanilla (steps = tokens)": {},
+    "threshold 0.9": {"threshold": 0.9},
+    "threshold 0.9 + early stop": {"threshold": 0.9, "stop_at_eos": True},
+    "blocks 8 + prefix cache + threshold 0.9": {"block_length": 8, "cache": "prefix", "threshold": 0.9,
+                                                "stop_at_eos": True},
+    "blocks 8 + dual cache + threshold 0.9": {"block_length": 8, "cache": "dual", "threshold": 0.9,
+                                              "stop_at_eos": True},
+}
+
+
+def _timed(fn, repeats: int = 1) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def _generated_tokens(solver: Solver, puzzles: list[str], solutions: list) -> int:
+    """Tokens up to and including EOS, the text a user receives."""
+    return sum(len(solver.tok.encode(s.output)) + 1 for s in solutions)
+
+
+def speed(task: str = "sudoku4", n: int = 100, out_dir: Path | None = None,
+          shape: dict[str, int] | None = None) -> dict[str, Any]:
+    """Vanilla Dream sampling vs each fast mode vs the same-size AR model with a KV cache, on one task's held-out
+    split, one puzzle at a time (latency) — plus a random-weight throughput run at `shape`."""
+    if not available_tasks([task]):
+        raise DreamError(f"no bundled {task} models (diffusion and AR) to benchmark")
+    puzzles = [e["input"] for e in make_examples(task, n, TEST_SEED, "test")]
+    diffusion = Solver(bundled_model_dir(f"{task}-diffusion"))
+    ar = Solver(bundled_model_dir(f"{task}-ar"))
+    rows = []
+    for label, options in FAST_MODES.items():
+        rows.append(_speed_row(label, diffusion, puzzles, options))
+    rows.append(_speed_row("AR, same size, KV cache", ar, puzzles, {}))
+    base = rows[0]
+    for row in rows:
+        row["speedup_vs_vanilla"] = base["seconds"] / row["seconds"]
+        row["passes_reduction"] = base["forward_passes"] / row["forward_passes"]
+    report = {"machine": machine(), "command": "dreamlm " + " ".join(sys.argv[1:]), "task": task, "n": n,
+              "rows": rows, "throughput": throughput(**(shape or {}))}
+    if out_dir is not None:
+        write_speed_report(report, out_dir)
+    return report
+
+
+def _speed_row(label: str, solver: Solver, puzzles: list[str], options: dict[str, Any]) -> dict[str, Any]:
+    solutions = []
+    seconds = _timed(lambda: solutions.extend(solver.solve([p], **options)[0] for p in puzzles))
+    tokens = _generated_tokens(solver, puzzles, solutions)
+    return {"mode": label, "accuracy": sum(s.valid for s in solutions) / len(puzzles),
+            "forward_passes": statistics.mean(s.forward_passes for s in solutions),
+            "ms_per_solution": 1000 * seconds / len(puzzles), "tokens_per_second": tokens / seconds,
+            "seconds": seconds}
+
+
+def throughput(hidden: int = 256, layers: int = 4, vocab: int = 4096, prompt: int = 64, new_tokens: int = 256,
+               per_forward: int = 4, block_length: int = 32, dtype: str = "float32") -> dict[str, Any]:
+    """Random weights: diffusion forced to commit `per_forward` tokens per pass (dual cache, blocks) vs AR with a
+    KV cache, batch 1 — the machinery's speed without accuracy."""
+    from dreamlm.config import DreamConfig
+    from dreamlm.model import DreamModel
+    from dreamlm.sampling import diffusion_generate
+    from dreamlm.sampling.autoregressive import ar_generate
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    heads = max(1, hidden // 64)
+    config = DreamConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 64 * 64,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 4),
+                         max_position_embeddings=prompt + new_tokens + 8, mask_token_id=vocab - 1,
+                         pad_token_id=vocab - 2, bos_token_id=vocab - 2, eos_token_id=vocab - 2)
+    model = DreamModel(config).init_weights(0).to(device=device, dtype=getattr(torch, dtype)).eval()
+    x = torch.randint(0, vocab - 2, (1, prompt), device=device)
+    steps = new_tokens // per_forward
+    runs = {
+        "diffusion vanilla": dict(steps=new_tokens),
+        f"diffusion {per_forward}/pass, blocks {block_length}, dual cache": dict(
+            steps=steps, block_length=block_length, cache="dual"),
+    }
+    out: dict[str, Any] = {"shape": {"hidden": hidden, "layers": layers, "vocab": vocab, "prompt": prompt,
+                                     "new_tokens": new_tokens, "dtype": dtype, "device": device}, "rows": []}
+    for label, kw in runs.items():
+        diffusion_generate(model, x, max_new_tokens=new_tokens, alg="maskgit_plus", **{**kw, "steps": kw["steps"]})
+        seconds = _timed(lambda: diffusion_generate(model, x, max_new_tokens=new_tokens, alg="maskgit_plus", **kw))
+        out["rows"].append({"mode": label, "forward_passes": kw["steps"], "tokens_per_second": new_tokens / seconds})
+    model.causal = True
+    ar_generate(model, x, new_tokens, stop_at_eos=False)
+    seconds = _timed(lambda: ar_generate(model, x, new_tokens, stop_at_eos=False))
+    out["rows"].append({"mode": "AR, KV cache", "forward_passes": new_tokens, "tokens_per_second": new_tokens / seconds})
+    hf = _transformers_ar_tokens_per_second(model, x, new_tokens)
+    if hf is not None:
+        out["rows"].append({"mode": "transformers Qwen2 generate (reference)", "forward_passes": new_tokens,
+                            "tokens_per_second": hf})
+    return out
+
+
+def _transformers_ar_tokens_per_second(model, x: torch.Tensor, new_tokens: int) -> float | None:
+    """The same weights in transformers' Qwen2ForCausalLM, greedy generate with its cache; None if absent."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    c = model.config
+    hf_config = transformers.Qwen2Config(vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+                                         intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
+                                         num_attention_heads=c.num_attention_heads,
+                                         num_key_value_heads=c.num_key_value_heads,
+                                         max_position_embeddings=c.max_position_embeddings, rope_theta=c.rope_theta,
+                                         rms_norm_eps=c.rms_norm_eps, tie_word_embeddings=False)
+    hf = transformers.Qwen2ForCausalLM(hf_config).to(device=x.device, dtype=model.dtype).eval()
+    hf.load_state_dict(model.state_dict(), strict=False)
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        hf.generate(x, **kwargs)
+        seconds = _timed(lambda: hf.generate(x, **kwargs))
+    return new_tokens / seconds
+
+
+def speed_table(report: dict[str, Any]) -> str:
+    """Markdown tables of a speed report."""
+    lines = [f"Task {report['task']}, {report['n']} held-out puzzles, batch 1:", "",
+             "| mode | accuracy | forward passes | passes ÷ | ms/solution | tokens/s | speed-up |",
+             "|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['mode']} | {100 * r['accuracy']:.1f} % | {r['forward_passes']:.1f} | "
+                     f"{r['passes_reduction']:.1f}× | {r['ms_per_solution']:.1f} | {r['tokens_per_second']:.0f} | "
+                     f"{r['speedup_vs_vanilla']:.2f}× |")
+    t = report["throughput"]
+    lines += ["", f"Throughput on random weights ({t['shape']}):", "", "| mode | forward passes | tokens/s |",
+              "|---|---|---|"]
+    for r in t["rows"]:
+        lines.append(f"| {r['mode']} | {r['forward_passes']} | {r['tokens_per_second']:.0f} |")
+    return "\n".join(lines)
+
+
+def write_speed_report(report: dict[str, Any], out_dir: Path) -> None:
+    """speed.md, speed.json and speed.png (accuracy against tokens/s) under out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "speed.md").write_text(f"`{report['command']}` on {report['machine']}\n\n{speed_table(report)}\n")
+    (out_dir / "speed.json").write_text(json.dumps(report, indent=2) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in report["rows"]:
+        ax.scatter(r["tokens_per_second"], 100 * r["accuracy"], s=40)
+        ax.annotate(r["mode"], (r["tokens_per_second"], 100 * r["accuracy"]), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("tokens/s (batch 1)")
+    ax.set_ylabel(f"{report['task']} held-out accuracy (%)")
+    ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "speed.png", dpi=120)
+    plt.close(fig)

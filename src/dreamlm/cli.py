@@ -380,6 +380,26 @@ def bench_planning(n: int = typer.Option(200, help="Held-out puzzles per task an
         err.print(f"machine: {report['machine']}; wrote {out_dir}/planning.(md|json|png)")
 
 
+@bench_app.command("speed")
+def bench_speed(task: str = typer.Option("sudoku4", help="Planning task whose bundled models are compared."),
+                n: int = typer.Option(100, help="Held-out puzzles (solved one at a time)."),
+                hidden: int = typer.Option(256, help="Throughput run: hidden size of the random model."),
+                layers: int = typer.Option(4, help="Throughput run: layers."),
+                new_tokens: int = typer.Option(256, help="Throughput run: tokens to generate."),
+                per_forward: int = typer.Option(4, help="Throughput run: tokens committed per forward pass."),
+                dtype: str = typer.Option("float32", help="Throughput run dtype (bfloat16 on GPUs)."),
+                out_dir: Path = typer.Option(Path("benchmarks/results"), "--out", help="Where to write tables.")
+                ) -> None:
+    """Vanilla Dream sampling vs fast modes vs AR with a KV cache: accuracy, passes, tokens/s, latency."""
+    from dreamlm.bench import speed, speed_table
+
+    with user_errors():
+        report = speed(task, n, out_dir, dict(hidden=hidden, layers=layers, new_tokens=new_tokens,
+                                              per_forward=per_forward, dtype=dtype))
+        print(speed_table(report))
+        err.print(f"machine: {report['machine']}; wrote {out_dir}/speed.(md|json|png)")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -33,7 +33,7 @@ def test_ci_reads_the_readme_commands():
 
 def test_readme_main_job_runs():
     install = readme_command("install")
-    args = shlex.split(install.split("&& dreamlm ", 1)[1]) + ["--delay", "0"]
+    args = shlex.split(install.split("&& dreamlm ", 1)[1]) + ["--delay", "0", "--n", "20"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
-    assert "masks left" in res.output
+    assert "masks left" in res.output and "valid solution" in res.output and "diffusion vs AR" in res.output

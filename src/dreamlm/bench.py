@@ -150,12 +150,12 @@ def write_planning_report(report: dict[str, Any], out_dir: Path) -> None:
 # ---- decoding speed ---------------------------------------------------------------------------------------------
 FAST_MODES: dict[str, dict[str, Any]] = {
     "vanilla (steps = tokens)": {},
+    "threshold 0.999": {"threshold": 0.999},
+    "threshold 0.99": {"threshold": 0.99},
+    "threshold 0.99 + early stop": {"threshold": 0.99, "stop_at_eos": True},
     "threshold 0.9": {"threshold": 0.9},
-    "threshold 0.9 + early stop": {"threshold": 0.9, "stop_at_eos": True},
-    "blocks 8 + prefix cache + threshold 0.9": {"block_length": 8, "cache": "prefix", "threshold": 0.9,
-                                                "stop_at_eos": True},
-    "blocks 8 + dual cache + threshold 0.9": {"block_length": 8, "cache": "dual", "threshold": 0.9,
-                                              "stop_at_eos": True},
+    "blocks 10 + prefix cache + threshold 0.99": {"block_length": 10, "cache": "prefix", "threshold": 0.99},
+    "blocks 10 + dual cache + threshold 0.99": {"block_length": 10, "cache": "dual", "threshold": 0.99},
 }
 
 

@@ -339,13 +339,37 @@ def test_star_generator_conventions(degree, length):
         puzzle = stargraph.generate(rng, degree, length)
         nodes = {x for edge in puzzle.edges for x in edge}
         assert len(puzzle.edges) == degree * (length - 1) and len(nodes) == 1 + degree * (length - 1)
-        assert max(nodes) < stargraph.node_range(degree, length)
+        assert nodes <= set(stargraph.node_range(degree, length))
+        assert len({len(str(x)) for x in nodes}) == 1  # one name width: the answer's layout is fixed
         assert len(puzzle.path) == length and puzzle.path[0] == puzzle.centre and puzzle.path[-1] == puzzle.goal
         assert sum(puzzle.centre in edge for edge in puzzle.edges) == degree
         assert stargraph.solve(puzzle.input) == list(puzzle.path)
         assert stargraph.is_valid_solution(puzzle.input, puzzle.output)
         assert stargraph.parse_input(puzzle.input) == (list(puzzle.edges), puzzle.centre, puzzle.goal)
-    assert stargraph.node_range(30, 4) == 1000
+    assert stargraph.node_range(2, 5) == range(10, 100)
+    assert stargraph.node_range(30, 4) == range(100, 1000)  # 91 nodes: 90 two-digit names are too few
+
+
+def test_star_relabel_round_trip():
+    # One-digit and three-digit names from another generator are read in the training layout and mapped back.
+    text = "12,7|7,333|41,9|9,58|12,41/12,58="
+    renamed, back = stargraph.relabel(text)
+    assert renamed != text and stargraph.relabel(text) == (renamed, back)  # deterministic per puzzle
+    edges, centre, goal = stargraph.parse_input(renamed)
+    assert all(10 <= n <= 99 for e in edges for n in e)
+    assert [(back[a], back[b]) for a, b in edges] == [(12, 7), (7, 333), (41, 9), (9, 58), (12, 41)]
+    assert (back[centre], back[goal]) == (12, 58)
+    path = ",".join(map(str, stargraph.solve(renamed)))
+    assert stargraph.unlabel(path, back) == "12,41,9,58"
+    task = tasks.get_task("star-2-5")
+    view, to_answer = task.model_view(text)
+    assert view == renamed and task.validate(text, to_answer(path))
+    assert not task.validate(text, to_answer(path.rsplit(",", 1)[0]))  # a broken answer stays broken
+    assert stargraph.unlabel("garbage", back) == "garbage"
+    # Names already of the generator's width pass through untouched.
+    own = tasks.get_task("star-2-5").generate(random.Random(3))["input"]
+    assert stargraph.relabel(own)[0] == own and task.model_view(own)[0] == own
+    assert tasks.get_task("sudoku4").model_view("0000\n0000")[0] == "0000\n0000"
 
 
 @pytest.mark.parametrize("answer", [

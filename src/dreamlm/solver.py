@@ -74,7 +74,11 @@ class Solver:
         return "ar" if self.model.causal else "diffusion"
 
     def prompt_ids(self, puzzle: str) -> list[int]:
-        """Token ids of the puzzle and separator (the canvas's fixed part)."""
+        """Token ids of the puzzle (as the model reads it, see Task.model_view) and separator: the canvas's fixed
+        part."""
+        return self._encode(self.task.model_view(puzzle)[0])
+
+    def _encode(self, puzzle: str) -> list[int]:
         self.task.check_input(puzzle)
         unknown = set(puzzle) - set(self.task.alphabet)
         if unknown:
@@ -87,7 +91,8 @@ class Solver:
     def solve(self, puzzles: list[str], steps: int | None = None, alg: str = "entropy",
               hook: Callable | None = None, **fast: Any) -> list[Solution]:
         """Solve puzzles (grouped by prompt length so every canvas has the training layout)."""
-        prompts = [self.prompt_ids(p) for p in puzzles]
+        views = [self.task.model_view(p) for p in puzzles]
+        prompts = [self._encode(v) for v, _ in views]
         groups: dict[int, list[int]] = {}
         for i, ids in enumerate(prompts):
             groups.setdefault(len(ids), []).append(i)
@@ -105,7 +110,7 @@ class Solver:
                 out, passes = res.sequences, res.forward_passes
             seconds = (time.perf_counter() - start) / len(members)
             for row, i in enumerate(members):
-                answer = self.decode(out[row].tolist()[length:])
+                answer = views[i][1](self.decode(out[row].tolist()[length:]))
                 results[i] = Solution(puzzles[i], answer, self.task.validate(puzzles[i], answer), passes, seconds)
         return [r for r in results if r is not None]
 

@@ -46,6 +46,8 @@ class Task:
     make: Callable[[random.Random, str], tuple[str, str]] = field(repr=False)
     check: Callable[[str], object] = field(repr=False)
     is_valid: Callable[[str, str], bool] = field(repr=False)
+    # Optional: puzzle → (the puzzle as the model reads it, answer in that view → answer in the puzzle's terms).
+    view: Callable[[str], tuple[str, Callable[[str], str]]] | None = field(default=None, repr=False)
 
     def generate(self, rng: random.Random, split: str = "train") -> Example:
         """One example {"input", "output"} drawn from `split` ("train", "test" or, where supported, "ood")."""
@@ -56,6 +58,13 @@ class Task:
     def check_input(self, input: str) -> None:  # noqa: A002 - mirrors the JSONL field name
         """Raise DreamError if `input` is not a well-formed puzzle of this task."""
         self.check(input)
+
+    def model_view(self, input: str) -> tuple[str, Callable[[str], str]]:  # noqa: A002
+        """The puzzle as a model of this task reads it, and the map of such a model's answer back to `input`'s terms
+        (identity for most tasks; star graphs rename their nodes to the training names' width)."""
+        if self.view is None:
+            return input, lambda answer: answer
+        return self.view(input)
 
     def validate(self, input: str, answer: str) -> bool:  # noqa: A002
         """True if `answer` solves `input`; DreamError for a malformed puzzle, False for any malformed answer."""
@@ -116,8 +125,12 @@ def star_task(degree: int, length: int) -> Task:
             if key_in_split(_star_key(puzzle), split):
                 return puzzle.input, puzzle.output
 
+    def view(text: str) -> tuple[str, Callable[[str], str]]:
+        renamed, back = stargraph.relabel(text)
+        return renamed, lambda answer: stargraph.unlabel(answer, back)
+
     return Task(f"star-{degree}-{length}", STAR_ALPHABET, False, make, stargraph.parse_input,
-                stargraph.is_valid_solution)
+                stargraph.is_valid_solution, view)
 
 
 TASKS: dict[str, Task] = {

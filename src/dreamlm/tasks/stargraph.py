@@ -7,8 +7,12 @@ Conventions (those of the paper's reference generator, so `star-2-5` is its `deg
 - l counts the nodes of one arm *including the centre*, i.e. the answer path has l nodes and l-1 edges (in the
   planning.md example `12,41,9,58` is a path of l = 4); the graph has 1 + d(l-1) nodes and d(l-1) edges.
 - Edges are written outward, parent first (`12,41`, then `41,9`), in shuffled order; the goal is an arm's leaf.
-- Node names are distinct random integers from 0..99, or from 0..10^m-1 with 10^m >= 2 * node count when the
-  graph has more than 50 nodes (so names stay sparse in their range).
+- Node names are distinct random integers of one width: two digits (10..99), or m digits with at least twice as many
+  m-digit names as nodes for bigger graphs (so names stay sparse in their range). One width keeps every node the
+  same number of characters, so a character-level model sees the answer's layout before it knows the path.
+- Puzzles from elsewhere may use any names (`12,7|7,33|...`, one-digit names included): `relabel` maps them onto
+  random names of this width and back, so the solver reads every external set in its training layout; the graph
+  and the path are unchanged.
 - The validator reads edges as undirected and requires a simple path (no repeated node); in a tree the simple
   path between two nodes is unique, so this accepts exactly the right answer whichever way external sets orient
   their edges.
@@ -56,13 +60,18 @@ def format_input(edges: list[Edge] | tuple[Edge, ...], centre: int, goal: int) -
     return "|".join(f"{a},{b}" for a, b in edges) + f"/{centre},{goal}="
 
 
-def node_range(degree: int, length: int) -> int:
-    """Node names are drawn from range(node_range(d, l)): 100, or a power of ten at least twice the node count."""
-    nodes = 1 + degree * (length - 1)
-    size = 100
-    while size < 2 * nodes:
-        size *= 10
-    return size
+def name_width(nodes: int) -> int:
+    """Digits per node name for a graph of `nodes` nodes: 2, or more until there are twice as many names as nodes."""
+    width = 2
+    while 9 * 10 ** (width - 1) < 2 * nodes:
+        width += 1
+    return width
+
+
+def node_range(degree: int, length: int) -> range:
+    """The names a G(d, l) draws from: every integer with `name_width` digits."""
+    width = name_width(1 + degree * (length - 1))
+    return range(10 ** (width - 1), 10 ** width)
 
 
 def generate(rng: random.Random, degree: int, length: int) -> Puzzle:
@@ -71,7 +80,7 @@ def generate(rng: random.Random, degree: int, length: int) -> Puzzle:
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise DreamError(f"star graph {name} must be an integer >= {low}, got {value!r}")
     arm = length - 1
-    names = rng.sample(range(node_range(degree, length)), 1 + degree * arm)
+    names = rng.sample(node_range(degree, length), 1 + degree * arm)
     centre = names[0]
     arms = [names[1 + i * arm:1 + (i + 1) * arm] for i in range(degree)]
     edges = []
@@ -131,6 +140,30 @@ def _reachable(adjacency: dict[int, set[int]], start: int, goal: int) -> bool:
             seen.add(nxt)
             queue.append(nxt)
     return False
+
+
+def relabel(text: str) -> tuple[str, dict[int, int]]:
+    """The puzzle with node names in the generator's layout, and the map from new names back to the given ones.
+
+    A puzzle whose names already all have the generator's width is returned unchanged (identity map). Otherwise the
+    names are replaced by random distinct names of that width, seeded by the puzzle text (the same puzzle always
+    gets the same names); edge order and the graph are kept. Malformed puzzles raise DreamError.
+    """
+    edges, centre, goal = parse_input(text)
+    nodes = list(dict.fromkeys([n for edge in edges for n in edge]))
+    width = name_width(len(nodes))
+    if all(len(str(n)) == width for n in nodes):
+        return text.strip(), {n: n for n in nodes}
+    names = random.Random(text.strip()).sample(range(10 ** (width - 1), 10 ** width), len(nodes))
+    new = dict(zip(nodes, names))
+    return format_input([(new[a], new[b]) for a, b in edges], new[centre], new[goal]), {v: k for k, v in new.items()}
+
+
+def unlabel(answer: str, back: dict[int, int]) -> str:
+    """Map an answer path written in `relabel`'s names back to the puzzle's names (unknown names left as written)."""
+    if not _PATH.fullmatch(answer.strip()) or any(len(tok) > _MAX_DIGITS for tok in answer.strip().split(",")):
+        return answer
+    return ",".join(str(back.get(int(tok), tok)) for tok in answer.strip().split(","))
 
 
 def solve(text: str) -> list[int]:

@@ -232,6 +232,21 @@ class FastOptions:
                 and not self.stop_at_eos)
 
 
+def compiled(model: "DreamModel", backend: "bool | str | Callable" = True) -> Callable:
+    """`torch.compile(model, dynamic=False)` (inductor for True, else the given backend), made once per model and
+    backend and kept while the model lives."""
+    key = "inductor" if backend is True else backend
+    per_model = model.__dict__.get("_compiled_forwards")
+    if per_model is None:  # a plain attribute: the compiled wrapper must not register as a submodule
+        per_model = {}
+        object.__setattr__(model, "_compiled_forwards", per_model)
+    if key not in per_model:
+        if not (isinstance(key, str) or callable(key)):
+            raise DreamError(f"compile must be True, a torch.compile backend name or a backend callable, got {key!r}")
+        per_model[key] = torch.compile(model, dynamic=False, backend=key)
+    return per_model[key]
+
+
 def _blocks(x: torch.Tensor, mask_id: int, fast: FastOptions, steps: int) -> tuple[list[tuple[int, int]], int]:
     """(lo, hi) ranges of the canvas decoded one after the other, and the steps each gets."""
     N = x.shape[1]
@@ -284,6 +299,7 @@ def diffusion_generate(
     refresh_every: int | None = None,
     threshold: float | None = None,
     stop_at_eos: bool = False,
+    compile: "bool | str | Callable" = False,  # noqa: A002 - the natural name; shadows the builtin only here
 ) -> "torch.Tensor | DreamGenerationOutput":
     """Dream's masked-diffusion sampler (spec §2); returns ids (B, N) or a DreamGenerationOutput.
 
@@ -292,7 +308,10 @@ def diffusion_generate(
     generated region in blocks (steps split evenly); `cache` ("prefix"/"dual") reuses keys/values from each block's
     first step (and every `refresh_every` steps); `threshold` commits every slot of the block with p(x0) >= it, at
     least one per step (steps then only bound each block); `stop_at_eos` ends once each row's text up to its first
-    EOS is complete and fills the rest with EOS (the text cut at the first EOS is unchanged).
+    EOS is complete and fills the rest with EOS (the text cut at the first EOS is unchanged). `compile=True` (or a
+    torch.compile backend name/callable) runs every forward through `torch.compile(model, dynamic=False)` on the
+    full canvas: shapes are static, so it compiles once per (batch, canvas length) and is reused across calls; it
+    combines with block_length, threshold and stop_at_eos but not with cache (cached spans change shape).
     """
     _check_settings(steps, eps, temperature, top_p, top_k, alg_temp, num_return_sequences)
     fast = FastOptions(block_length, cache, refresh_every, threshold, stop_at_eos)
@@ -301,6 +320,14 @@ def diffusion_generate(
     plan = plan_generation(model, input_ids, attention_mask, max_new_tokens, max_length, alg, num_return_sequences,
                            constraints)
     x, alg, mask_id = plan.x, plan.alg, plan.mask_token_id
+    forward, position_ids = model, plan.position_ids
+    if compile is not False and compile is not None:
+        if fast.cache is not CacheMode.NONE:
+            raise DreamError("compile runs static full-canvas forwards; use it with cache='none' "
+                             "(block_length, threshold and stop_at_eos are fine)")
+        forward = compiled(model, compile)
+        if position_ids is None:  # explicit positions: the forward then has no data-dependent branch
+            position_ids = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
     eos_id = model.config.eos_token_id
     if fast.stop_at_eos and eos_id is None:
         raise DreamError("stop_at_eos needs an eos_token_id in the model config")
@@ -332,7 +359,7 @@ def diffusion_generate(
             refresh = kv is None or i == 0 or (fast.refresh_every is not None and i % fast.refresh_every == 0)
             logits = None
             if refresh:
-                raw = model(x, plan.attention, plan.position_ids, cache=kv)  # (B, N, V), unshifted
+                raw = forward(x, plan.attention, position_ids, cache=kv)  # (B, N, V), unshifted
                 if generation_logits_hook_func is not None or (generation_tokens_hook_func is not None and kv is None):
                     logits = shift_logits(raw)
                     if generation_logits_hook_func is not None:

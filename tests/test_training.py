@@ -15,6 +15,7 @@ from dreamlm.errors import DreamError
 from dreamlm.model import DreamModel
 from dreamlm.training import state as state_module
 from dreamlm.training.config import TrainConfig
+from dreamlm.tokenizer import DreamTokenizer
 from dreamlm.training.data import ExampleBatches, PackedBlocks, char_tokenizer, read_examples
 from dreamlm.training.trainer import train
 
@@ -127,6 +128,21 @@ def test_sft_batches_mask_only_the_response(puzzle_file):
         assert batch.x[row, p + n - 1] == tok.eos_token_id and not batch.ar_targets[row, p + n:].any()
     with pytest.raises(DreamError, match="do not fit seq_len=4"):
         ExampleBatches(examples, 4, tok.pad_token_id)
+
+
+def test_char_tokenizer_words(tmp_path):
+    tok = char_tokenizer("0123456789,|/=", ["10..99", "|"])
+    text = "12,45|45,77/12,77=<|sep|>12,45,77"
+    ids = tok.encode(text)
+    pieces = [tok.decode([i]) for i in ids]
+    assert pieces[:8] == ["12", ",", "45", "|", "45", ",", "77", "/"] and tok.decode(ids) == text
+    assert [tok.decode([i]) for i in tok.encode("7,123")] == ["7", ",", "12", "3"]  # longest known word first
+    tok.save_pretrained(tmp_path)
+    assert DreamTokenizer.from_pretrained(tmp_path).encode(text) == ids  # the split rule survives a round trip
+    assert tok.vocab_size == char_tokenizer("0123456789,|/=").vocab_size + 90
+    for bad, message in ((["9..3"], "is empty"), ([""], "must not be empty")):
+        with pytest.raises(DreamError, match=message):
+            char_tokenizer("01", bad)
 
 
 def test_sft_diffusion_and_ar_runs_export(tmp_path, puzzle_file):

@@ -176,16 +176,20 @@ def _generated_tokens(solver: Solver, puzzles: list[str], solutions: list) -> in
 
 
 def speed(task: str = "sudoku4", n: int = 100, out_dir: Path | None = None,
-          shape: dict[str, int] | None = None) -> dict[str, Any]:
+          shape: dict[str, int] | None = None, compile: bool = False) -> dict[str, Any]:  # noqa: A002
     """Vanilla Dream sampling vs each fast mode vs the same-size AR model with a KV cache, on one task's held-out
-    split, one puzzle at a time (latency) — plus a random-weight throughput run at `shape`."""
+    split, one puzzle at a time (latency) — plus a random-weight throughput run at `shape`. With `compile`, also
+    the torch.compile'd static-shape path (compilation is done in a warm-up, outside the timing)."""
     if not available_tasks([task]):
         raise DreamError(f"no bundled {task} models (diffusion and AR) to benchmark")
     puzzles = [e["input"] for e in make_examples(task, n, TEST_SEED, "test")]
     diffusion = Solver(bundled_model_dir(f"{task}-diffusion"))
     ar = Solver(bundled_model_dir(f"{task}-ar"))
     rows = []
-    for label, options in FAST_MODES.items():
+    modes = dict(FAST_MODES)
+    if compile:
+        modes["threshold 0.99 + compile"] = {"threshold": 0.99, "compile": True}
+    for label, options in modes.items():
         rows.append(_speed_row(label, diffusion, puzzles, options))
     rows.append(_speed_row("AR, same size, KV cache", ar, puzzles, {}))
     base = rows[0]
@@ -193,7 +197,7 @@ def speed(task: str = "sudoku4", n: int = 100, out_dir: Path | None = None,
         row["speedup_vs_vanilla"] = base["seconds"] / row["seconds"]
         row["passes_reduction"] = base["forward_passes"] / row["forward_passes"]
     report = {"machine": machine(), "command": "dreamlm " + " ".join(sys.argv[1:]), "task": task, "n": n,
-              "rows": rows, "throughput": throughput(**(shape or {}))}
+              "rows": rows, "throughput": throughput(**(shape or {}), compile=compile)}
     if out_dir is not None:
         write_speed_report(report, out_dir)
     return report
@@ -201,6 +205,7 @@ def speed(task: str = "sudoku4", n: int = 100, out_dir: Path | None = None,
 
 def _speed_row(label: str, solver: Solver, puzzles: list[str], options: dict[str, Any]) -> dict[str, Any]:
     solutions = []
+    solver.solve(puzzles[:1], **options)  # warm-up (and compilation, where asked) outside the timing
     seconds = _timed(lambda: solutions.extend(solver.solve([p], **options)[0] for p in puzzles))
     tokens = _generated_tokens(solver, puzzles, solutions)
     return {"mode": label, "accuracy": sum(s.valid for s in solutions) / len(puzzles),
@@ -210,9 +215,10 @@ def _speed_row(label: str, solver: Solver, puzzles: list[str], options: dict[str
 
 
 def throughput(hidden: int = 256, layers: int = 4, vocab: int = 4096, prompt: int = 64, new_tokens: int = 256,
-               per_forward: int = 4, block_length: int = 32, dtype: str = "float32") -> dict[str, Any]:
+               per_forward: int = 4, block_length: int = 32, dtype: str = "float32",
+               compile: bool = False) -> dict[str, Any]:  # noqa: A002
     """Random weights: diffusion forced to commit `per_forward` tokens per pass (dual cache, blocks) vs AR with a
-    KV cache, batch 1 — the machinery's speed without accuracy."""
+    KV cache, batch 1 — the machinery's speed without accuracy (with `compile`, also the compiled no-cache path)."""
     from dreamlm.config import DreamConfig
     from dreamlm.model import DreamModel
     from dreamlm.sampling import diffusion_generate
@@ -232,6 +238,9 @@ def throughput(hidden: int = 256, layers: int = 4, vocab: int = 4096, prompt: in
         f"diffusion {per_forward}/pass, blocks {block_length}, dual cache": dict(
             steps=steps, block_length=block_length, cache="dual"),
     }
+    if compile:
+        runs[f"diffusion {per_forward}/pass, blocks {block_length}, no cache, compiled"] = dict(
+            steps=steps, block_length=block_length, compile=True)
     out: dict[str, Any] = {"shape": {"hidden": hidden, "layers": layers, "vocab": vocab, "prompt": prompt,
                                      "new_tokens": new_tokens, "dtype": dtype, "device": device}, "rows": []}
     for label, kw in runs.items():

@@ -388,6 +388,8 @@ def bench_speed(task: str = typer.Option("sudoku4", help="Planning task whose bu
                 new_tokens: int = typer.Option(256, help="Throughput run: tokens to generate."),
                 per_forward: int = typer.Option(4, help="Throughput run: tokens committed per forward pass."),
                 dtype: str = typer.Option("float32", help="Throughput run dtype (bfloat16 on GPUs)."),
+                compile_: bool = typer.Option(False, "--compile",
+                                              help="Also time the torch.compile static-shape path (compiles first)."),
                 out_dir: Path = typer.Option(Path("benchmarks/results"), "--out", help="Where to write tables.")
                 ) -> None:
     """Vanilla Dream sampling vs fast modes vs AR with a KV cache: accuracy, passes, tokens/s, latency."""
@@ -395,7 +397,7 @@ def bench_speed(task: str = typer.Option("sudoku4", help="Planning task whose bu
 
     with user_errors():
         report = speed(task, n, out_dir, dict(hidden=hidden, layers=layers, new_tokens=new_tokens,
-                                              per_forward=per_forward, dtype=dtype))
+                                              per_forward=per_forward, dtype=dtype), compile=compile_)
         print(speed_table(report))
         err.print(f"machine: {report['machine']}; wrote {out_dir}/speed.(md|json|png)")
 

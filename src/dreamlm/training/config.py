@@ -3,7 +3,8 @@
 Sections and keys (all optional except data.train):
 
 [model]      init_from (Dream/Qwen2 dir to start from; "" = random init), tokenizer (dir with tokenizer files),
-             char_alphabet (build a character tokenizer from these characters instead), hidden_size, layers,
+             char_alphabet (build a character tokenizer from these characters instead), char_words (extra
+             whole-word tokens for it, "A..B" = the numbers A to B), hidden_size, layers,
              heads, kv_heads, intermediate_size (0 = 8/3·hidden rounded to 64), context (max positions)
 [data]       stage ("pretrain": packed text/JSONL "text"; "sft": JSONL prompt/response, input/output or messages),
              train (list of files), valid (list of files), seq_len, chat (apply the chat template to prompts),
@@ -37,6 +38,7 @@ class ModelSection:
     init_from: str = ""
     tokenizer: str = ""
     char_alphabet: str = ""
+    char_words: list[str] = field(default_factory=list)
     hidden_size: int = 256
     layers: int = 4
     heads: int = 4

@@ -12,6 +12,7 @@ import glob
 import hashlib
 import json
 import random
+import re
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,18 +28,41 @@ from dreamlm.tokenizer import DreamTokenizer
 CHAR_SPECIALS = ["<|pad|>", "<|endoftext|>", "<|mask|>", "<|sep|>"]
 
 
-def char_tokenizer(alphabet: str) -> DreamTokenizer:
-    """One id per character of `alphabet` after the specials <|pad|> <|endoftext|> <|mask|> <|sep|>."""
+def expand_words(entries: list[str] | tuple[str, ...]) -> list[str]:
+    """Word entries of a character tokenizer: literal strings, or "A..B" for the decimal numbers A to B."""
+    words: list[str] = []
+    for entry in entries:
+        match = re.fullmatch(r"([0-9]+)\.\.([0-9]+)", entry)
+        if match:
+            lo, hi = int(match.group(1)), int(match.group(2))
+            if lo > hi:
+                raise DreamError(f"word range {entry!r} is empty")
+            words.extend(str(n) for n in range(lo, hi + 1))
+        elif not entry:
+            raise DreamError("tokenizer words must not be empty")
+        else:
+            words.append(entry)
+    return list(dict.fromkeys(words))
+
+
+def char_tokenizer(alphabet: str, words: list[str] | tuple[str, ...] = ()) -> DreamTokenizer:
+    """One id per character of `alphabet` after the specials <|pad|> <|endoftext|> <|mask|> <|sep|>; `words`
+    (see expand_words) become single tokens too, matched longest first (e.g. "10..99": a two-digit node name is
+    one token, so a graph's edge is three tokens)."""
     chars = sorted(set(alphabet))
+    multi = sorted((w for w in expand_words(words) if len(w) > 1), key=lambda w: (-len(w), w))
     vocab = {tok: i for i, tok in enumerate(CHAR_SPECIALS)}
-    for ch in chars:
-        vocab.setdefault(ch, len(vocab))
+    for piece in chars + multi:
+        vocab.setdefault(piece, len(vocab))
     tok = Tokenizer(WordLevel(vocab, unk_token="<|pad|>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("(?m)."), behavior="isolated")
+    pattern = "(?m)" + "|".join([*(re.escape(w) for w in multi), "."])  # (?m): "." matches newlines too (Oniguruma)
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in CHAR_SPECIALS])
     config = {"eos_token": "<|endoftext|>", "pad_token": "<|pad|>", "mask_token": "<|mask|>",
               "sep_token": "<|sep|>", "tokenizer_class": "CharTokenizer", "alphabet": "".join(chars)}
+    if multi:
+        config["words"] = multi
     return DreamTokenizer(tok, config)
 
 

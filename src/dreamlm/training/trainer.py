@@ -65,7 +65,7 @@ def build_tokenizer(cfg: TrainConfig) -> DreamTokenizer:
     """The run's tokenizer: from init_from, model.tokenizer, or a character alphabet."""
     m = cfg.model
     if m.char_alphabet:
-        return char_tokenizer(m.char_alphabet)
+        return char_tokenizer(m.char_alphabet, m.char_words)
     source = m.tokenizer or m.init_from
     if not source:
         raise DreamError("train config: set model.tokenizer (a directory), model.char_alphabet or model.init_from")

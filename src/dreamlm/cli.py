@@ -330,7 +330,7 @@ def solve(
 @app.command()
 def demo(n: int = typer.Option(100, help="Held-out puzzles per task for the accuracy table."),
          delay: float = typer.Option(0.12, help="Seconds to hold each frame of the live view.")) -> None:
-    """Watch the bundled diffusion solver fill in Sudoku out of order, then diffusion vs AR accuracy (offline)."""
+    """Watch the bundled diffusion solvers fill in puzzles out of order, then diffusion vs AR accuracy (offline)."""
     from dreamlm.bench import TEST_SEED, available_tasks, score
     from dreamlm.solver import Solver, bundled_model_dir
     from dreamlm.tasks import make_examples
@@ -340,17 +340,19 @@ def demo(n: int = typer.Option(100, help="Held-out puzzles per task for the accu
         tasks = available_tasks()
         if not tasks:
             raise DreamError("no bundled planning models are installed")
-        first = tasks[0]
-        solver = Solver(bundled_model_dir(f"{first}-diffusion"))
-        for example in make_examples(first, 3, TEST_SEED + 100, "test"):
-            start = len(solver.prompt_ids(example["input"]))
-            view = CanvasView(solver.tok, solver.model.config.mask_token_id, start, solver.seq_len - start,
-                              delay=delay, title=f"{first} · diffusion solver")
-            try:
-                result = solver.solve([example["input"]], hook=view)[0]
-            finally:
-                view.close()
-            out.print("[green]valid solution[/]" if result.valid else "[red]invalid[/]")
+        # a few puzzles of the first task, then one of each other task, solved live
+        shown = [(name, 3 if i == 0 else 1) for i, name in enumerate(tasks)]
+        for name, count in shown:
+            solver = Solver(bundled_model_dir(f"{name}-diffusion"))
+            for example in make_examples(name, count, TEST_SEED + 100, "test"):
+                start = len(solver.prompt_ids(example["input"]))
+                view = CanvasView(solver.tok, solver.model.config.mask_token_id, start, solver.seq_len - start,
+                                  delay=delay, title=f"{name} · diffusion solver")
+                try:
+                    result = solver.solve([example["input"]], hook=view)[0]
+                finally:
+                    view.close()
+                out.print("[green]valid solution[/]" if result.valid else "[red]invalid[/]")
         table = Table(title=f"diffusion vs AR, {n} held-out puzzles per task (same size, data, steps)")
         for col in ("task", "diffusion acc", "AR acc", "diffusion passes", "AR passes"):
             table.add_column(col)

@@ -340,11 +340,9 @@ def demo(n: int = typer.Option(100, help="Held-out puzzles per task for the accu
         tasks = available_tasks()
         if not tasks:
             raise DreamError("no bundled planning models are installed")
-        # a few puzzles of the first task, then one of each other task, solved live
-        shown = [(name, 3 if i == 0 else 1) for i, name in enumerate(tasks)]
-        for name, count in shown:
+        for i, name in enumerate(tasks):  # three puzzles of the first task, then one of each other, solved live
             solver = Solver(bundled_model_dir(f"{name}-diffusion"))
-            for example in make_examples(name, count, TEST_SEED + 100, "test"):
+            for example in make_examples(name, 3 if i == 0 else 1, TEST_SEED + 100, "test"):
                 start = len(solver.prompt_ids(example["input"]))
                 view = CanvasView(solver.tok, solver.model.config.mask_token_id, start, solver.seq_len - start,
                                   delay=delay, title=f"{name} · diffusion solver")

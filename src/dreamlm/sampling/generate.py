@@ -236,13 +236,13 @@ def compiled(model: "DreamModel", backend: "bool | str | Callable" = True) -> Ca
     """`torch.compile(model, dynamic=False)` (inductor for True, else the given backend), made once per model and
     backend and kept while the model lives."""
     key = "inductor" if backend is True else backend
+    if not (isinstance(key, str) or callable(key)):
+        raise DreamError(f"compile must be True, a torch.compile backend name or a backend callable, got {key!r}")
     per_model = model.__dict__.get("_compiled_forwards")
     if per_model is None:  # a plain attribute: the compiled wrapper must not register as a submodule
         per_model = {}
         object.__setattr__(model, "_compiled_forwards", per_model)
     if key not in per_model:
-        if not (isinstance(key, str) or callable(key)):
-            raise DreamError(f"compile must be True, a torch.compile backend name or a backend callable, got {key!r}")
         per_model[key] = torch.compile(model, dynamic=False, backend=key)
     return per_model[key]
 
@@ -321,7 +321,7 @@ def diffusion_generate(
                            constraints)
     x, alg, mask_id = plan.x, plan.alg, plan.mask_token_id
     forward, position_ids = model, plan.position_ids
-    if compile is not False and compile is not None:
+    if compile:
         if fast.cache is not CacheMode.NONE:
             raise DreamError("compile runs static full-canvas forwards; use it with cache='none' "
                              "(block_length, threshold and stop_at_eos are fine)")

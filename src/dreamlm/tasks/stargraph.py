@@ -68,10 +68,15 @@ def name_width(nodes: int) -> int:
     return width
 
 
-def node_range(degree: int, length: int) -> range:
-    """The names a G(d, l) draws from: every integer with `name_width` digits."""
-    width = name_width(1 + degree * (length - 1))
+def names_for(nodes: int) -> range:
+    """The names a graph of `nodes` nodes draws from: every integer with `name_width(nodes)` digits."""
+    width = name_width(nodes)
     return range(10 ** (width - 1), 10 ** width)
+
+
+def node_range(degree: int, length: int) -> range:
+    """The names a G(d, l) draws from."""
+    return names_for(1 + degree * (length - 1))
 
 
 def generate(rng: random.Random, degree: int, length: int) -> Puzzle:
@@ -151,19 +156,27 @@ def relabel(text: str) -> tuple[str, dict[int, int]]:
     """
     edges, centre, goal = parse_input(text)
     nodes = list(dict.fromkeys([n for edge in edges for n in edge]))
-    width = name_width(len(nodes))
-    if all(len(str(n)) == width for n in nodes):
+    names = names_for(len(nodes))
+    if all(n in names for n in nodes):
         return text.strip(), {n: n for n in nodes}
-    names = random.Random(text.strip()).sample(range(10 ** (width - 1), 10 ** width), len(nodes))
-    new = dict(zip(nodes, names))
+    new = dict(zip(nodes, random.Random(text.strip()).sample(names, len(nodes))))
     return format_input([(new[a], new[b]) for a, b in edges], new[centre], new[goal]), {v: k for k, v in new.items()}
 
 
 def unlabel(answer: str, back: dict[int, int]) -> str:
     """Map an answer path written in `relabel`'s names back to the puzzle's names (unknown names left as written)."""
-    if not _PATH.fullmatch(answer.strip()) or any(len(tok) > _MAX_DIGITS for tok in answer.strip().split(",")):
-        return answer
-    return ",".join(str(back.get(int(tok), tok)) for tok in answer.strip().split(","))
+    path = _parse_path(answer)
+    return answer if path is None else ",".join(str(back.get(n, n)) for n in path)
+
+
+def _parse_path(text: object) -> list[int] | None:
+    """A comma-joined list of node names, or None when the text is not one."""
+    if not isinstance(text, str):
+        return None
+    body = text.strip()
+    if not _PATH.fullmatch(body) or any(len(tok) > _MAX_DIGITS for tok in body.split(",")):
+        return None
+    return [int(tok) for tok in body.split(",")]
 
 
 def solve(text: str) -> list[int]:
@@ -190,13 +203,8 @@ def is_valid_solution(input_text: str, answer_text: str) -> bool:
     Raises DreamError for a malformed puzzle (bad data); never raises on a malformed answer (returns False).
     """
     edges, centre, goal = parse_input(input_text)
-    if not isinstance(answer_text, str):
-        return False
-    body = answer_text.strip()
-    if not _PATH.fullmatch(body) or any(len(tok) > _MAX_DIGITS for tok in body.split(",")):
-        return False
-    path = [int(tok) for tok in body.split(",")]
-    if path[0] != centre or path[-1] != goal or len(set(path)) != len(path):
+    path = _parse_path(answer_text)
+    if path is None or path[0] != centre or path[-1] != goal or len(set(path)) != len(path):
         return False
     adjacency = _adjacency(edges)
     return all(b in adjacency.get(a, ()) for a, b in zip(path, path[1:]))

@@ -49,8 +49,9 @@ def char_tokenizer(alphabet: str, words: list[str] | tuple[str, ...] = ()) -> Dr
     """One id per character of `alphabet` after the specials <|pad|> <|endoftext|> <|mask|> <|sep|>; `words`
     (see expand_words) become single tokens too, matched longest first (e.g. "10..99": a two-digit node name is
     one token, so a graph's edge is three tokens)."""
-    chars = sorted(set(alphabet))
-    multi = sorted((w for w in expand_words(words) if len(w) > 1), key=lambda w: (-len(w), w))
+    expanded = expand_words(words)
+    chars = sorted(set(alphabet) | {w for w in expanded if len(w) == 1})  # a one-character word is a character
+    multi = sorted((w for w in expanded if len(w) > 1), key=lambda w: (-len(w), w))
     vocab = {tok: i for i, tok in enumerate(CHAR_SPECIALS)}
     for piece in chars + multi:
         vocab.setdefault(piece, len(vocab))

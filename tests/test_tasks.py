@@ -411,6 +411,17 @@ def test_star_malformed_inputs_raise(text, message):
         tasks.get_task("star-2-5").validate(text, "12,7")
 
 
+def test_any_star_graph_by_name():
+    task = tasks.get_task("star-7-4")  # not pre-registered: made from its name
+    example = task.generate(random.Random(0))
+    edges, centre, goal = stargraph.parse_input(example["input"])
+    assert len(edges) == 7 * 3 and len(example["output"].split(",")) == 4
+    assert sum(centre in e for e in edges) == 7 and task.validate(example["input"], example["output"])
+    for bad in ("star-2-1", "star-0-5", "star-2", "star-a-b"):
+        with pytest.raises(DreamError, match="unknown task"):
+            tasks.get_task(bad)
+
+
 def test_star_bad_knobs():
     with pytest.raises(DreamError):
         stargraph.generate(random.Random(0), 0, 5)

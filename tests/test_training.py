@@ -154,6 +154,14 @@ def test_sft_diffusion_and_ar_runs_export(tmp_path, puzzle_file):
     assert diff.tokenizer.decode(diff.tokenizer.encode("12+3")) == "12+3"
 
 
+def test_tie_embeddings_shares_one_matrix(tmp_path, puzzle_file):
+    model = DreamModel.from_pretrained(train(sft_cfg(puzzle_file, tmp_path / "tied", "model.tie_embeddings=true")))
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    untied = DreamModel.from_pretrained(train(sft_cfg(puzzle_file, tmp_path / "untied")))
+    assert untied.num_parameters() - model.num_parameters() == model.lm_head.weight.numel()
+
+
 def test_packed_blocks_resume_and_shard(corpus, tokenizer):
     files = [corpus / f"doc{i}.txt" for i in range(4)]
     whole = PackedBlocks(files, tokenizer, 16, seed=3).next_batch(6).x

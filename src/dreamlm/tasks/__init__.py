@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -157,9 +158,12 @@ def register(task: Task) -> Task:
 def get_task(name: str) -> Task:
     """The registered task with exactly this name, else DreamError listing the known names."""
     task = TASKS.get(name)
+    star = re.fullmatch(r"star-([1-9][0-9]?)-([1-9][0-9]?)", name) if isinstance(name, str) else None
+    if task is None and star is not None and int(star[2]) >= 2:
+        task = register(star_task(int(star[1]), int(star[2])))  # any G(d, l) by name, e.g. "star-7-4"
     if task is None:
         raise DreamError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} "
-                         f"(other star graphs: register(star_task(d, l)))")
+                         f"(and any star-D-L, e.g. star-7-4)")
     return task
 
 

@@ -5,7 +5,8 @@ Sections and keys (all optional except data.train):
 [model]      init_from (Dream/Qwen2 dir to start from; "" = random init), tokenizer (dir with tokenizer files),
              char_alphabet (build a character tokenizer from these characters instead), char_words (extra
              whole-word tokens for it, "A..B" = the numbers A to B), hidden_size, layers,
-             heads, kv_heads, intermediate_size (0 = 8/3·hidden rounded to 64), context (max positions)
+             heads, kv_heads, intermediate_size (0 = 8/3·hidden rounded to 64), context (max positions),
+             tie_embeddings (share the input embedding and the output head)
 [data]       stage ("pretrain": packed text/JSONL "text"; "sft": JSONL prompt/response, input/output or messages),
              train (list of files), valid (list of files), seq_len, chat (apply the chat template to prompts),
              separator (text appended to each prompt, e.g. "<|sep|>"), random_truncation (cut each SFT batch's
@@ -45,6 +46,7 @@ class ModelSection:
     kv_heads: int = 4
     intermediate_size: int = 0
     context: int = 512
+    tie_embeddings: bool = False
 
 
 @dataclass

@@ -88,7 +88,8 @@ def build_model(cfg: TrainConfig, tokenizer: DreamTokenizer) -> DreamModel:
                              num_hidden_layers=m.layers, num_attention_heads=m.heads, num_key_value_heads=m.kv_heads,
                              max_position_embeddings=m.context, rope_theta=10000.0, max_window_layers=m.layers,
                              mask_token_id=tokenizer.mask_token_id, pad_token_id=pad, bos_token_id=eos,
-                             eos_token_id=eos, causal=causal)
+                             eos_token_id=eos, causal=causal,
+                             tie_word_embeddings=m.tie_embeddings)
         torch.manual_seed(cfg.run.seed)
         model = DreamModel(config).init_weights(cfg.run.seed)
     if cfg.objective.kind == "diffusion" and model.config.mask_token_id is None:

@@ -32,8 +32,7 @@ def test_registry_names_and_alphabets():
     assert tasks.get_task("cd4").alphabet == "0123456789+-*/=,"
     with pytest.raises(DreamError, match="unknown task"):
         tasks.get_task("sudoku")
-    with pytest.raises(DreamError, match="unknown task"):
-        tasks.get_task("star-7-4")  # exact names only, no pattern matching
+    assert "star-7-4" not in tasks.task_names()  # made on demand by get_task, not listed
     custom = tasks.register(tasks.star_task(7, 4))
     try:
         assert tasks.get_task("star-7-4") is custom
@@ -370,6 +369,35 @@ def test_star_relabel_round_trip():
     own = tasks.get_task("star-2-5").generate(random.Random(3))["input"]
     assert stargraph.relabel(own)[0] == own and task.model_view(own)[0] == own
     assert tasks.get_task("sudoku4").model_view("0000\n0000")[0] == "0000\n0000"
+
+
+def test_star_edge_view_round_trip():
+    # Any names (one- and three-digit here) become 10..9+n, each edge one `a>b` word; answers map back and forth.
+    text = "12,7|7,333|41,9|9,58|12,41/12,58="
+    task = tasks.get_task("star-2-3")
+    view, to_answer = task.model_view(text, "edges")
+    assert view == task.model_view(text, "edges")[0]  # deterministic per puzzle
+    edge_part, query = view.split("/")
+    pairs = [tuple(map(int, e.split(">"))) for e in edge_part.split("|")]
+    names = {n for e in pairs for n in e}
+    assert names == set(range(10, 16)) and len(pairs) == 5
+    view_in, view_out = task.training_pair(text, "12,41,9,58", "edges")
+    assert view_in == view
+    assert [a for a, _ in pairs].count(int(view_out.split(",")[0])) == 2  # the centre starts two edges
+    assert to_answer(view_out) == "12,41,9,58" and task.validate(text, to_answer(view_out))
+    assert not task.validate(text, to_answer(view_out.rsplit(",", 1)[0]))
+    words = stargraph.edge_words(6)
+    assert len(words) == 6 + 6 * 5 and "10>15" in words and "10>10" not in words
+    from dreamlm.training.data import char_tokenizer, expand_words
+
+    assert expand_words(["10..15>10..15"]) == words[6:]
+    tok = char_tokenizer("0123456789,|/=>", ["10..15", "10..15>10..15"])
+    ids = tok.encode(view)
+    assert len(ids) == 5 + 4 + 5 and tok.decode(ids) == view  # one token per edge, name, separator
+    with pytest.raises(DreamError, match="has no view 'bogus'"):
+        task.model_view(text, "bogus")
+    with pytest.raises(DreamError, match="has no view"):
+        tasks.get_task("sudoku4").model_view("0000\n0000\n0000\n0000", "edges")
 
 
 @pytest.mark.parametrize("answer", [

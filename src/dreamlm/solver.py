@@ -45,9 +45,11 @@ def bundled_model_dir(name: str) -> Path:
     return Path(str(resources.files("dreamlm") / "assets" / name))
 
 
-def write_task_file(path: str | Path, task: str, seq_len: int, separator: str, command: str) -> None:
-    """Record which task a model solves and how it was trained."""
+def write_task_file(path: str | Path, task: str, seq_len: int, separator: str, command: str, view: str = "") -> None:
+    """Record which task a model solves, how it reads puzzles (`view`, see Task.model_view) and how it was trained."""
     meta = {"task": task, "seq_len": seq_len, "separator": separator, "command": command}
+    if view:
+        meta["view"] = view
     (Path(path) / TASK_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -67,6 +69,9 @@ class Solver:
         self.tok = self.model.tokenizer
         self.seq_len = int(self.meta["seq_len"])
         self.separator = self.meta.get("separator", "")
+        self.view = str(self.meta.get("view", ""))
+        if self.view and self.view not in self.task.views:
+            raise DreamError(f"{model_dir}: task {self.task.name} has no view {self.view!r}")
 
     @property
     def kind(self) -> str:
@@ -76,14 +81,18 @@ class Solver:
     def prompt_ids(self, puzzle: str) -> list[int]:
         """Token ids of the puzzle (as the model reads it, see Task.model_view) and separator: the canvas's fixed
         part."""
-        return self._encode(self.task.model_view(puzzle)[0])
+        return self._encode(self._view(puzzle)[0])
 
-    def _encode(self, puzzle: str) -> list[int]:
+    def _view(self, puzzle: str) -> tuple[str, Callable[[str], str]]:
+        """Check the puzzle as given (DreamError if malformed), then give it as the model reads it."""
         self.task.check_input(puzzle)
         unknown = set(puzzle) - set(self.task.alphabet)
         if unknown:
             raise DreamError(f"the puzzle has characters this task never uses: {''.join(sorted(unknown))!r}")
-        ids = self.tok.encode(puzzle + self.separator)
+        return self.task.model_view(puzzle, self.view)
+
+    def _encode(self, text: str) -> list[int]:
+        ids = self.tok.encode(text + self.separator)
         if len(ids) >= self.seq_len:
             raise DreamError(f"the puzzle needs {len(ids)} tokens; this model's canvas holds {self.seq_len}")
         return ids
@@ -91,7 +100,7 @@ class Solver:
     def solve(self, puzzles: list[str], steps: int | None = None, alg: str = "entropy",
               hook: Callable | None = None, **fast: Any) -> list[Solution]:
         """Solve puzzles (grouped by prompt length so every canvas has the training layout)."""
-        views = [self.task.model_view(p) for p in puzzles]
+        views = [self._view(p) for p in puzzles]
         prompts = [self._encode(v) for v, _ in views]
         groups: dict[int, list[int]] = {}
         for i, ids in enumerate(prompts):

@@ -29,6 +29,11 @@ __all__ = [
 ]
 
 Example = dict[str, str]
+View = Callable[[str], tuple[str, Callable[[str], str], Callable[[str], str]]]
+
+
+def _same(text: str) -> str:
+    return text
 
 # Default difficulty: blanks drawn uniformly from these ranges (inclusive).
 SUDOKU_BLANKS = {4: (6, 10), 9: (40, 60)}
@@ -47,8 +52,9 @@ class Task:
     make: Callable[[random.Random, str], tuple[str, str]] = field(repr=False)
     check: Callable[[str], object] = field(repr=False)
     is_valid: Callable[[str, str], bool] = field(repr=False)
-    # Optional: puzzle → (the puzzle as the model reads it, answer in that view → answer in the puzzle's terms).
-    view: Callable[[str], tuple[str, Callable[[str], str]]] | None = field(default=None, repr=False)
+    # Optional views by name: puzzle → (the puzzle as such a model reads it, answer in the puzzle's terms → answer
+    # in the view's, answer in the view's terms → answer in the puzzle's). "" is the default view.
+    views: dict[str, View] = field(default_factory=dict, repr=False)
 
     def generate(self, rng: random.Random, split: str = "train") -> Example:
         """One example {"input", "output"} drawn from `split` ("train", "test" or, where supported, "ood")."""
@@ -60,12 +66,25 @@ class Task:
         """Raise DreamError if `input` is not a well-formed puzzle of this task."""
         self.check(input)
 
-    def model_view(self, input: str) -> tuple[str, Callable[[str], str]]:  # noqa: A002
+    def _view(self, input: str, view: str) -> tuple[str, Callable[[str], str], Callable[[str], str]]:  # noqa: A002
+        if view not in self.views and view:
+            known = ", ".join(repr(v) for v in self.views if v) or "none"
+            raise DreamError(f"task {self.name} has no view {view!r} (its views: {known})")
+        if view not in self.views:
+            return input, _same, _same
+        return self.views[view](input)
+
+    def model_view(self, input: str, view: str = "") -> tuple[str, Callable[[str], str]]:  # noqa: A002
         """The puzzle as a model of this task reads it, and the map of such a model's answer back to `input`'s terms
-        (identity for most tasks; star graphs rename their nodes to the training names' width)."""
-        if self.view is None:
-            return input, lambda answer: answer
-        return self.view(input)
+        (identity for most tasks; star graphs rename their nodes to the training names' width, and their "edges"
+        view writes each edge as one token)."""
+        text, _, back = self._view(input, view)
+        return text, back
+
+    def training_pair(self, input: str, output: str, view: str = "") -> tuple[str, str]:  # noqa: A002
+        """An example {input, output} as a model with this view is trained on it."""
+        text, forward, _ = self._view(input, view)
+        return text, forward(output)
 
     def validate(self, input: str, answer: str) -> bool:  # noqa: A002
         """True if `answer` solves `input`; DreamError for a malformed puzzle, False for any malformed answer."""
@@ -126,12 +145,18 @@ def star_task(degree: int, length: int) -> Task:
             if key_in_split(_star_key(puzzle), split):
                 return puzzle.input, puzzle.output
 
-    def view(text: str) -> tuple[str, Callable[[str], str]]:
-        renamed, back = stargraph.relabel(text)
-        return renamed, lambda answer: stargraph.unlabel(answer, back)
+    def renamed(text: str) -> tuple[str, Callable[[str], str], Callable[[str], str]]:
+        view, back = stargraph.relabel(text)
+        forward = {v: k for k, v in back.items()}
+        return view, lambda answer: stargraph.unlabel(answer, forward), lambda answer: stargraph.unlabel(answer, back)
+
+    def edges(text: str) -> tuple[str, Callable[[str], str], Callable[[str], str]]:
+        view, back = stargraph.edge_view(text)
+        forward = {v: k for k, v in back.items()}
+        return view, lambda answer: stargraph.unlabel(answer, forward), lambda answer: stargraph.unlabel(answer, back)
 
     return Task(f"star-{degree}-{length}", STAR_ALPHABET, False, make, stargraph.parse_input,
-                stargraph.is_valid_solution, view)
+                stargraph.is_valid_solution, {"": renamed, "edges": edges})
 
 
 TASKS: dict[str, Task] = {
@@ -142,6 +167,9 @@ TASKS: dict[str, Task] = {
         star_task(2, 5), star_task(3, 5), star_task(5, 5),
     )
 }
+
+
+_MADE: dict[str, Task] = {}
 
 
 def task_names() -> list[str]:
@@ -157,10 +185,11 @@ def register(task: Task) -> Task:
 
 def get_task(name: str) -> Task:
     """The registered task with exactly this name, else DreamError listing the known names."""
-    task = TASKS.get(name)
+    task = TASKS.get(name) or _MADE.get(name)
     star = re.fullmatch(r"star-([1-9][0-9]?)-([1-9][0-9]?)", name) if isinstance(name, str) else None
     if task is None and star is not None and int(star[2]) >= 2:
-        task = register(star_task(int(star[1]), int(star[2])))  # any G(d, l) by name, e.g. "star-7-4"
+        # any G(d, l) by name, e.g. "star-7-4": made once and kept aside (the registry lists only the defaults)
+        task = _MADE.setdefault(name, star_task(int(star[1]), int(star[2])))
     if task is None:
         raise DreamError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} "
                          f"(and any star-D-L, e.g. star-7-4)")

@@ -163,6 +163,36 @@ def relabel(text: str) -> tuple[str, dict[int, int]]:
     return format_input([(new[a], new[b]) for a, b in edges], new[centre], new[goal]), {v: k for k, v in new.items()}
 
 
+def compact_names(text: str) -> dict[int, int]:
+    """A map from the puzzle's node names to 10, 11, ..., 9 + n (n nodes) in a random order seeded by the puzzle
+    text: the smallest name set a model can read, so that `edge_view` needs only n(n - 1) edge tokens."""
+    edges, _, _ = parse_input(text)
+    nodes = list(dict.fromkeys([n for edge in edges for n in edge]))
+    names = list(range(10, 10 + len(nodes)))
+    random.Random(text.strip()).shuffle(names)
+    return dict(zip(nodes, names))
+
+
+def edge_view(text: str) -> tuple[str, dict[int, int]]:
+    """The puzzle as an edge-token model reads it, and the map from its names back to the puzzle's.
+
+    Nodes get `compact_names` and every edge is written `a>b` (one token for such a model's tokenizer, see
+    `edge_words`), so finding a node's parent is one attention lookup instead of a match on a name followed by a
+    hop to its neighbour. The graph, the query and the edge order are unchanged; the path still has to be found.
+    """
+    edges, centre, goal = parse_input(text)
+    new = compact_names(text)
+    view = "|".join(f"{new[a]}>{new[b]}" for a, b in edges) + f"/{new[centre]},{new[goal]}="
+    return view, {v: k for k, v in new.items()}
+
+
+def edge_words(nodes: int) -> list[str]:
+    """Tokenizer words of an edge-token model of graphs with up to `nodes` nodes: the names 10..9+nodes and every
+    edge `a>b` between two of them."""
+    names = range(10, 10 + nodes)
+    return [str(n) for n in names] + [f"{a}>{b}" for a in names for b in names if a != b]
+
+
 def unlabel(answer: str, back: dict[int, int]) -> str:
     """Map an answer path written in `relabel`'s names back to the puzzle's names (unknown names left as written)."""
     path = _parse_path(answer)

@@ -6,12 +6,14 @@ Sections and keys (all optional except data.train):
              char_alphabet (build a character tokenizer from these characters instead), char_words (extra
              whole-word tokens for it, "A..B" = the numbers A to B), hidden_size, layers,
              heads, kv_heads, intermediate_size (0 = 8/3·hidden rounded to 64), context (max positions),
-             tie_embeddings (share the input embedding and the output head)
+             tie_embeddings (share the input embedding and the output head), init_std (std of the random
+             init of every weight matrix; 0.02 as HF Qwen2, larger helps narrow models leave the first plateau)
 [data]       stage ("pretrain": packed text/JSONL "text"; "sft": JSONL prompt/response, input/output or messages),
              train (list of files), valid (list of files), seq_len, chat (apply the chat template to prompts),
              separator (text appended to each prompt, e.g. "<|sep|>"), random_truncation (cut each SFT batch's
              padded tail at a random length), task (a planning task name, e.g. "sudoku4": the exported
-             model then records it for `dreamlm solve`)
+             model then records it for `dreamlm solve`), view (the task's model view, e.g. "edges" for star
+             graphs: training pairs are mapped through it and the solver reads puzzles the same way)
 [objective]  kind ("diffusion" or "ar"), weighting ("elbo" = 1/t, "linear", "cart", "none"), cart_p,
              focal_gamma (0 = off), focal_alpha, eps
 [optim]      lr, min_lr_ratio (cosine floor as a fraction of lr), weight_decay, beta1, beta2, warmup_steps,
@@ -47,6 +49,7 @@ class ModelSection:
     intermediate_size: int = 0
     context: int = 512
     tie_embeddings: bool = False
+    init_std: float = 0.02
 
 
 @dataclass
@@ -59,6 +62,7 @@ class DataSection:
     separator: str = ""
     random_truncation: bool = False
     task: str = ""
+    view: str = ""
 
 
 @dataclass
@@ -177,6 +181,7 @@ class TrainConfig:
             (self.run.device in ("auto", "cpu", "cuda") or self.run.device.startswith("cuda:"),
              "run.device must be auto, cpu or cuda[:N]"),
             (self.model.hidden_size % max(self.model.heads, 1) == 0, "model.hidden_size must divide by model.heads"),
+            (0 < self.model.init_std <= 1, "model.init_std must be in (0, 1]"),
         ]
         for ok, message in checks:
             if not ok:

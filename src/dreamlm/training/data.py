@@ -16,7 +16,7 @@ import re
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers
@@ -29,11 +29,18 @@ CHAR_SPECIALS = ["<|pad|>", "<|endoftext|>", "<|mask|>", "<|sep|>"]
 
 
 def expand_words(entries: list[str] | tuple[str, ...]) -> list[str]:
-    """Word entries of a character tokenizer: literal strings, or "A..B" for the decimal numbers A to B."""
+    """Word entries of a character tokenizer: literal strings, "A..B" for the decimal numbers A to B, or
+    "A..B>C..D" for every pair `a>b` of distinct numbers a in A..B, b in C..D (edge tokens of star graphs)."""
     words: list[str] = []
     for entry in entries:
         match = re.fullmatch(r"([0-9]+)\.\.([0-9]+)", entry)
-        if match:
+        pairs = re.fullmatch(r"([0-9]+)\.\.([0-9]+)>([0-9]+)\.\.([0-9]+)", entry)
+        if pairs:
+            lo1, hi1, lo2, hi2 = map(int, pairs.groups())
+            if lo1 > hi1 or lo2 > hi2:
+                raise DreamError(f"word range {entry!r} is empty")
+            words.extend(f"{a}>{b}" for a in range(lo1, hi1 + 1) for b in range(lo2, hi2 + 1) if a != b)
+        elif match:
             lo, hi = int(match.group(1)), int(match.group(2))
             if lo > hi:
                 raise DreamError(f"word range {entry!r} is empty")
@@ -198,8 +205,10 @@ class Example:
     response: list[int]
 
 
-def read_examples(file: Path, tokenizer: DreamTokenizer, chat: bool, separator: str = "") -> list[Example]:
-    """JSONL of {"prompt","response"}, {"input","output"} or {"messages": [...]} → token examples (+EOS)."""
+def read_examples(file: Path, tokenizer: DreamTokenizer, chat: bool, separator: str = "",
+                  transform: Callable[[str, str], tuple[str, str]] | None = None) -> list[Example]:
+    """JSONL of {"prompt","response"}, {"input","output"} or {"messages": [...]} → token examples (+EOS);
+    `transform` maps each {input, output} pair first (a planning task's model view)."""
     if not file.is_file():
         raise DreamError(f"data file {file} does not exist")
     eos = tokenizer.eos_token_id
@@ -220,7 +229,12 @@ def read_examples(file: Path, tokenizer: DreamTokenizer, chat: bool, separator: 
             elif "prompt" in obj and "response" in obj:
                 prompt_msgs, response = [{"role": "user", "content": obj["prompt"]}], obj["response"]
             elif "input" in obj and "output" in obj:
-                prompt_msgs, response = [{"role": "user", "content": obj["input"]}], obj["output"]
+                try:
+                    text_in, response = (obj["input"], obj["output"]) if transform is None else \
+                        transform(obj["input"], obj["output"])
+                except DreamError as err:
+                    raise DreamError(f"{file} line {n}: {err}") from None
+                prompt_msgs = [{"role": "user", "content": text_in}]
             else:
                 raise DreamError(f"{file} line {n}: expected prompt/response, input/output or messages")
             if chat:

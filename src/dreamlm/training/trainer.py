@@ -89,7 +89,7 @@ def build_model(cfg: TrainConfig, tokenizer: DreamTokenizer) -> DreamModel:
                              max_position_embeddings=m.context, rope_theta=10000.0, max_window_layers=m.layers,
                              mask_token_id=tokenizer.mask_token_id, pad_token_id=pad, bos_token_id=eos,
                              eos_token_id=eos, causal=causal,
-                             tie_word_embeddings=m.tie_embeddings)
+                             tie_word_embeddings=m.tie_embeddings, initializer_range=m.init_std)
         torch.manual_seed(cfg.run.seed)
         model = DreamModel(config).init_weights(cfg.run.seed)
     if cfg.objective.kind == "diffusion" and model.config.mask_token_id is None:
@@ -98,11 +98,25 @@ def build_model(cfg: TrainConfig, tokenizer: DreamTokenizer) -> DreamModel:
         from dreamlm.tasks import get_task
 
         get_task(cfg.data.task)  # an unknown name fails now, not after training
+    if cfg.data.view:
+        view_of(cfg)  # so does an unknown view
     if cfg.data.seq_len > model.config.max_position_embeddings:
         raise DreamError(f"data.seq_len={cfg.data.seq_len} exceeds the model's {model.config.max_position_embeddings} "
                          "positions")
     model.tokenizer = tokenizer
     return model
+
+
+def view_of(cfg: TrainConfig):
+    """(input, output) → the pair as a model with the config's task view is trained on it."""
+    from dreamlm.tasks import get_task
+
+    if not cfg.data.task:
+        raise DreamError("train config: data.view needs data.task (the task whose view it is)")
+    task, view = get_task(cfg.data.task), cfg.data.view
+    if view not in task.views:
+        task.model_view("", view)  # raises the error that names the task's views
+    return lambda text_in, text_out: task.training_pair(text_in, text_out, view)
 
 
 def build_source(cfg: TrainConfig, tokenizer: DreamTokenizer, files: list[str], world: World, seed: int,
@@ -111,7 +125,8 @@ def build_source(cfg: TrainConfig, tokenizer: DreamTokenizer, files: list[str], 
     paths = resolve_files(files)
     if cfg.data.stage == "pretrain":
         return PackedBlocks(paths, tokenizer, cfg.data.seq_len, seed, world.rank, world.size)
-    examples = [e for p in paths for e in read_examples(p, tokenizer, cfg.data.chat, cfg.data.separator)]
+    transform = view_of(cfg) if cfg.data.view else None
+    examples = [e for p in paths for e in read_examples(p, tokenizer, cfg.data.chat, cfg.data.separator, transform)]
     return ExampleBatches(examples, cfg.data.seq_len, pad_token_id, seed, cfg.data.random_truncation,
                           world.rank, world.size)
 
@@ -252,7 +267,7 @@ class Trainer:
                 from dreamlm.solver import write_task_file
 
                 write_task_file(path, self.cfg.data.task, self.cfg.data.seq_len, self.cfg.data.separator,
-                                "dreamlm " + " ".join(sys.argv[1:]) if sys.argv else "")
+                                "dreamlm " + " ".join(sys.argv[1:]) if sys.argv else "", self.cfg.data.view)
         barrier(self.world)
         return path
 

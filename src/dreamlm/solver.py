@@ -61,17 +61,28 @@ class Solver:
         meta_file = model_dir / TASK_FILE
         if not meta_file.is_file():
             raise DreamError(f"{model_dir} is not a planning model (no {TASK_FILE})")
-        self.meta = json.loads(meta_file.read_text())
-        self.task = get_task(self.meta["task"])
-        self.model = DreamModel.from_pretrained(model_dir, dtype=torch.float32, device=device)
-        if self.model.tokenizer is None:
+        meta = json.loads(meta_file.read_text())
+        model = DreamModel.from_pretrained(model_dir, dtype=torch.float32, device=device)
+        if model.tokenizer is None:
             raise DreamError(f"{model_dir} has no tokenizer")
-        self.tok = self.model.tokenizer
-        self.seq_len = int(self.meta["seq_len"])
-        self.separator = self.meta.get("separator", "")
-        self.view = str(self.meta.get("view", ""))
+        self._setup(model, meta, str(model_dir))
+
+    @classmethod
+    def from_model(cls, model: DreamModel, task: str, seq_len: int, separator: str = "", view: str = "") -> "Solver":
+        """A solver over a model in memory (with its tokenizer), e.g. to measure accuracy during training."""
+        solver = cls.__new__(cls)
+        solver._setup(model, {"task": task, "seq_len": seq_len, "separator": separator, "view": view}, "the model")
+        return solver
+
+    def _setup(self, model: DreamModel, meta: dict, where: str) -> None:
+        self.meta, self.model = meta, model
+        self.task = get_task(meta["task"])
+        self.tok = model.tokenizer
+        self.seq_len = int(meta["seq_len"])
+        self.separator = meta.get("separator", "")
+        self.view = str(meta.get("view", ""))
         if self.view and self.view not in self.task.views:
-            raise DreamError(f"{model_dir}: task {self.task.name} has no view {self.view!r}")
+            raise DreamError(f"{where}: task {self.task.name} has no view {self.view!r}")
 
     @property
     def kind(self) -> str:

@@ -18,7 +18,8 @@ Sections and keys (all optional except data.train):
              focal_gamma (0 = off), focal_alpha, eps
 [optim]      lr, min_lr_ratio (cosine floor as a fraction of lr), weight_decay, beta1, beta2, warmup_steps,
              max_steps, batch_size (per process, per micro-step), grad_accum, clip (0 = off)
-[run]        out_dir, seed, log_every, eval_every, eval_batches, save_every, keep_checkpoints, device ("auto",
+[run]        out_dir, seed, log_every, eval_every, eval_batches, eval_solve (planning runs: also solve this many
+             held-out puzzles at each evaluation and log their accuracy, "val_acc"), save_every, keep_checkpoints, device ("auto",
              "cpu", "cuda"), compile, activation_checkpointing, export_dtype ("bfloat16", "float32", "float16"),
              progress (show the progress bar), stop_at (end the process after this step, as if interrupted;
              0 = never), rank_summaries (each rank writes its losses and a weight checksum: for tests)
@@ -96,6 +97,7 @@ class RunSection:
     log_every: int = 10
     eval_every: int = 200
     eval_batches: int = 8
+    eval_solve: int = 0
     save_every: int = 500
     keep_checkpoints: int = 2
     device: str = "auto"
@@ -182,6 +184,9 @@ class TrainConfig:
              "run.device must be auto, cpu or cuda[:N]"),
             (self.model.hidden_size % max(self.model.heads, 1) == 0, "model.hidden_size must divide by model.heads"),
             (0 < self.model.init_std <= 1, "model.init_std must be in (0, 1]"),
+            (self.run.eval_solve >= 0, "run.eval_solve must be >= 0"),
+            (not self.run.eval_solve or bool(self.data.task and self.data.valid),
+             "run.eval_solve needs data.task and data.valid"),
         ]
         for ok, message in checks:
             if not ok:

@@ -228,6 +228,32 @@ class Trainer:
         weighted, count = all_reduce_sum([weighted, count], self.world)
         return weighted / max(count, 1.0)
 
+    @torch.no_grad()
+    def evaluate_solve(self) -> float | None:
+        """Share of the first `eval_solve` held-out puzzles that the model solves (rules checked), or None."""
+        n = self.cfg.run.eval_solve
+        if not n or self.world.distributed:  # sharded weights: solving needs the whole model on one process
+            return None
+        from dreamlm.solver import Solver
+
+        puzzles: list[str] = []
+        for path in resolve_files(self.valid_files):
+            with path.open(encoding="utf-8") as fh:
+                puzzles += [json.loads(line)["input"] for line in fh if line.strip()]
+        puzzles = puzzles[:n]
+        if not puzzles:
+            return None
+        model = self.model
+        model.tokenizer = self.tokenizer
+        solver = Solver.from_model(model, self.cfg.data.task, self.cfg.data.seq_len, self.cfg.data.separator,
+                                   self.cfg.data.view)
+        model.eval()
+        try:
+            solved = sum(s.valid for s in solver.solve(puzzles))
+        finally:
+            model.train()
+        return solved / len(puzzles)
+
     # ---- checkpoints ---------------------------------------------------------------------------------------
     def save(self) -> None:
         """Checkpoint model, optimizer, step, data position and RNG (rank 0 writes)."""
@@ -310,6 +336,10 @@ class Trainer:
                     if val is not None:
                         self._log({"step": self.step, "val_loss": val})
                         progress.note(f"step {self.step}: val_loss {val:.4f}")
+                    acc = self.evaluate_solve()
+                    if acc is not None:
+                        self._log({"step": self.step, "val_acc": acc})
+                        progress.note(f"step {self.step}: val_acc {acc:.3f}")
                 if self.step % cfg.run.save_every == 0 or self.step == last:
                     self.save()
         finally:

@@ -228,11 +228,24 @@ def _to_toml(d: dict) -> str:
 
 
 def test_recipes_are_valid_configs():
-    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.toml"))
-    assert recipes
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    recipes = sorted(root.rglob("*.toml"))
+    assert len(recipes) > 10
     for recipe in recipes:
         cfg = TrainConfig.load(recipe)
+        cfg.validate()
         assert cfg.data.train and cfg.optim.max_steps >= 1
+    # Every planning diffusion recipe has an AR twin: same model, data, steps and batch; only the objective (and
+    # its own learning rate) differ.
+    pairs = 0
+    for diff in sorted((root / "planning").glob("*-diffusion.toml")):
+        d, a = TrainConfig.load(diff).to_dict(), TrainConfig.load(diff.with_name(diff.name.replace("diffusion", "ar"))).to_dict()
+        assert d["objective"]["kind"] == "diffusion" and a["objective"]["kind"] == "ar"
+        assert d["model"] == a["model"] and d["data"] == a["data"], diff.name
+        for key in ("max_steps", "batch_size", "grad_accum"):
+            assert d["optim"][key] == a["optim"][key], (diff.name, key)
+        pairs += 1
+    assert pairs >= 6
 
 
 def test_cli_train_tokenizer_and_train(tmp_path, corpus):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -236,13 +237,23 @@ def test_recipes_are_valid_configs():
         cfg.validate()
         assert cfg.data.train and cfg.optim.max_steps >= 1
     # Every planning diffusion recipe has an AR twin: same model, data, steps and batch; only the objective (and
-    # its own learning rate) differ.
+    # its own learning rate) differ. A diffusion recipe that starts from the first AR steps (model.init_from, as
+    # Dream starts from Qwen2.5) names them in `init_steps`, and the two stages together take the AR twin's steps.
     pairs = 0
     for diff in sorted((root / "planning").glob("*-diffusion.toml")):
-        d, a = TrainConfig.load(diff).to_dict(), TrainConfig.load(diff.with_name(diff.name.replace("diffusion", "ar"))).to_dict()
+        d = TrainConfig.load(diff).to_dict()
+        a = TrainConfig.load(diff.with_name(diff.name.replace("diffusion", "ar"))).to_dict()
         assert d["objective"]["kind"] == "diffusion" and a["objective"]["kind"] == "ar"
+        init_from = d["model"].pop("init_from")
+        assert not a["model"].pop("init_from")
         assert d["model"] == a["model"] and d["data"] == a["data"], diff.name
-        for key in ("max_steps", "batch_size", "grad_accum"):
+        init_steps = 0
+        if init_from:
+            match = re.search(r"--max-steps (\d+) --out-dir (\S+)", diff.read_text())
+            assert match and init_from == match[2] + "/final", diff.name  # the recipe says how its init was made
+            init_steps = int(match[1])
+        assert d["optim"]["max_steps"] + init_steps == a["optim"]["max_steps"], diff.name
+        for key in ("batch_size", "grad_accum"):
             assert d["optim"][key] == a["optim"][key], (diff.name, key)
         pairs += 1
     assert pairs >= 6

@@ -309,7 +309,7 @@ def solve(
             if show and solver.kind == "diffusion":
                 view = CanvasView(solver.tok, solver.model.config.mask_token_id, len(solver.prompt_ids(text)),
                                   steps or solver.seq_len - len(solver.prompt_ids(text)), delay=delay,
-                                  title=f"{name} · diffusion")
+                                  title=f"{name} · diffusion{solver.view_note}")
             try:
                 results += solver.solve([text], steps=steps, hook=view)
             finally:
@@ -345,12 +345,15 @@ def demo(n: int = typer.Option(100, help="Held-out puzzles per task for the accu
             for example in make_examples(name, 3 if i == 0 else 1, TEST_SEED + 100, "test"):
                 start = len(solver.prompt_ids(example["input"]))
                 view = CanvasView(solver.tok, solver.model.config.mask_token_id, start, solver.seq_len - start,
-                                  delay=delay, title=f"{name} · diffusion solver")
+                                  delay=delay, title=f"{name} · diffusion solver{solver.view_note}")
                 try:
                     result = solver.solve([example["input"]], hook=view)[0]
                 finally:
                     view.close()
-                out.print("[green]valid solution[/]" if result.valid else "[red]invalid[/]")
+                verdict = "[green]valid solution[/]" if result.valid else "[red]invalid[/]"
+                if solver.view:  # the canvas shows the model's names; give the answer in the puzzle's own
+                    out.print(f"{example['input']} -> {result.output}", highlight=False)
+                out.print(verdict)
         table = Table(title=f"diffusion vs AR, {n} held-out puzzles per task (same size, data, steps)")
         for col in ("task", "diffusion acc", "AR acc", "diffusion passes", "AR passes"):
             table.add_column(col)

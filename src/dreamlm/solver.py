@@ -85,6 +85,11 @@ class Solver:
             raise DreamError(f"{where}: task {self.task.name} has no view {self.view!r}")
 
     @property
+    def view_note(self) -> str:
+        """A title suffix for live views of a model that reads puzzles in a view of their own ("" otherwise)."""
+        return f" · {self.view} view: names as the model reads them" if self.view else ""
+
+    @property
     def kind(self) -> str:
         """'ar' for a causal model, else 'diffusion'."""
         return "ar" if self.model.causal else "diffusion"

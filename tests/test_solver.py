@@ -101,3 +101,34 @@ def test_cli_errors_are_one_line(sudoku_dirs, args, message):
     assert res.exit_code == 2, res.output
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0] and "Traceback" not in res.output
+
+
+def test_default_decoding_is_one_token_per_step_most_confident_first(sudoku_dirs, monkeypatch):
+    # Dream's schedule commits two tokens at its last step; the solvers' default decides one slot at a time
+    # (threshold 1.0: commit the most confident slot, plus any that are certain), and --steps N is Dream's schedule.
+    import dreamlm.solver as solver_module
+
+    seen = []
+    real = solver_module.diffusion_generate
+
+    def spy(model, x, **kwargs):
+        seen.append(kwargs)
+        return real(model, x, **kwargs)
+
+    monkeypatch.setattr(solver_module, "diffusion_generate", spy)
+    solver = Solver(sudoku_dirs[0])
+    budget = solver.budget(PUZZLE)
+    assert budget == 40 - len(solver.prompt_ids(PUZZLE))
+    history = []
+    mask = solver.model.config.mask_token_id
+
+    def hook(step, x, logits):
+        if step is not None:  # None: the call before the first step
+            history.append(int((x == mask).sum()))
+        return x
+
+    solver.solve([PUZZLE], hook=hook)
+    assert seen[-1]["threshold"] == 1.0 and seen[-1]["steps"] == budget
+    assert history[-1] == 0 and all(a > b for a, b in zip([budget] + history, history))  # >= 1 slot every step
+    solver.solve([PUZZLE], steps=5)
+    assert "threshold" not in seen[-1] and seen[-1]["steps"] == 5

@@ -190,6 +190,8 @@ def speed(task: str = "sudoku4", n: int = 100, out_dir: Path | None = None,
     if compile:
         modes["threshold 0.99 + compile"] = {"threshold": 0.99, "compile": True}
     for label, options in modes.items():
+        if not options:  # vanilla: Dream's own schedule, one step per answer slot
+            options = {"steps": diffusion.budget(puzzles[0])}
         rows.append(_speed_row(label, diffusion, puzzles, options))
     rows.append(_speed_row("AR, same size, KV cache", ar, puzzles, {}))
     base = rows[0]

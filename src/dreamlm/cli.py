@@ -272,7 +272,7 @@ def solve(
     out_file: Optional[Path] = typer.Option(None, "--out", help="Write {\"input\",\"output\",\"valid\"} lines here."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Planning model directory (default: bundled)."),
     ar: bool = typer.Option(False, "--ar", help="Use the bundled AR baseline instead of the diffusion solver."),
-    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: one per answer token)."),
+    steps: Optional[int] = typer.Option(None, help="Dream-schedule sampling steps (default: one token per step, most confident first)."),
     show: bool = ShowOpt,
     delay: float = typer.Option(0.12, help="Seconds to hold each frame of --show."),
     as_json: bool = JsonOpt,

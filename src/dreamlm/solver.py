@@ -115,7 +115,15 @@ class Solver:
 
     def solve(self, puzzles: list[str], steps: int | None = None, alg: str = "entropy",
               hook: Callable | None = None, **fast: Any) -> list[Solution]:
-        """Solve puzzles (grouped by prompt length so every canvas has the training layout)."""
+        """Solve puzzles (grouped by prompt length so every canvas has the training layout).
+
+        Diffusion decoding: by default one token per step, the most confident first (easy-first, as the published
+        small planning MDMs decode; `threshold=1.0` of the fast options). Dream's schedule commits two tokens at
+        its last step, so the two hardest slots would be decided together, each blind to the other. `steps=N`
+        decodes with Dream's schedule over N steps instead (the speed/quality knob); `fast` options pass through.
+        """
+        if steps is None and not fast:
+            fast = {"threshold": 1.0}
         views = [self._view(p) for p in puzzles]
         prompts = [self._encode(v) for v, _ in views]
         groups: dict[int, list[int]] = {}
@@ -138,6 +146,10 @@ class Solver:
                 answer = views[i][1](self.decode(out[row].tolist()[length:]))
                 results[i] = Solution(puzzles[i], answer, self.task.validate(puzzles[i], answer), passes, seconds)
         return [r for r in results if r is not None]
+
+    def budget(self, puzzle: str) -> int:
+        """Canvas slots left for the answer of this puzzle."""
+        return self.seq_len - len(self.prompt_ids(puzzle))
 
     def decode(self, ids: list[int]) -> str:
         """Answer text: up to the first EOS, specials dropped."""

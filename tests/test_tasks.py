@@ -464,3 +464,14 @@ def test_no_eval_or_exec_in_task_code():
     for path in Path(tasks.__file__).parent.glob("*.py"):
         source = path.read_text()
         assert "eval(" not in source and "exec(" not in source, path
+
+
+def test_workers_give_the_same_examples_for_any_count(tmp_path: Path):
+    one = tasks.make_examples("star-2-5", 1500, 3, "test", workers=1)
+    two = tasks.make_examples("star-2-5", 1500, 3, "test", workers=2)
+    assert one == two and len(one) == 1500 and len({e["input"] for e in one}) == 1500
+    assert one[:1000] != tasks.make_examples("star-2-5", 1000, 3, "test")  # its own, documented stream
+    task = tasks.get_task("star-2-5")
+    assert all(task.validate(e["input"], e["output"]) for e in one)
+    with pytest.raises(DreamError, match="workers must be"):
+        tasks.make_examples("star-2-5", 10, 0, "train", workers=0)

@@ -219,6 +219,9 @@ def data(
     seed: int = typer.Option(0, help="Seed (same seed, same file)."),
     split: str = typer.Option("train", help="train, test or ood (countdown's held-out targets)."),
     out: Path = typer.Option(..., "--out", help="JSONL file to write ({\"input\", \"output\"} per line)."),
+    workers: Optional[int] = typer.Option(None, help="Generate with this many processes, in independently seeded "
+                                                     "chunks of 1000 (the same file for any count; not the same "
+                                                     "examples as without --workers)."),
 ) -> None:
     """Generate a planning dataset in the spec's formats."""
     from dreamlm.tasks import write_dataset
@@ -227,7 +230,7 @@ def data(
         if n < 1:
             raise DreamError("--n must be >= 1")
         out.parent.mkdir(parents=True, exist_ok=True)
-        write_dataset(task, n, seed, split, out)
+        write_dataset(task, n, seed, split, out, workers)
         err.print(f"wrote {n} {task} {split} examples to {out}")
 
 

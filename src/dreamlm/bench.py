@@ -77,7 +77,7 @@ def planning(n: int = 200, tasks: list[str] | None = None, out_dir: Path | None 
             puzzles = [e["input"] for e in make_examples(name, n, TEST_SEED, split)]
             entry[split] = {"diffusion": vars(score(diffusion, puzzles)), "ar": vars(score(ar, puzzles))}
         puzzles = [e["input"] for e in make_examples(name, n, TEST_SEED, "test")]
-        budget = diffusion.seq_len - len(diffusion.prompt_ids(puzzles[0]))
+        budget = diffusion.budget(puzzles[0])
         curve = []
         for frac in steps_fractions:
             steps = max(1, round(budget * frac))

@@ -275,7 +275,8 @@ def solve(
     out_file: Optional[Path] = typer.Option(None, "--out", help="Write {\"input\",\"output\",\"valid\"} lines here."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Planning model directory (default: bundled)."),
     ar: bool = typer.Option(False, "--ar", help="Use the bundled AR baseline instead of the diffusion solver."),
-    steps: Optional[int] = typer.Option(None, help="Dream-schedule sampling steps (default: one token per step, most confident first)."),
+    steps: Optional[int] = typer.Option(None, help="Dream-schedule sampling steps "
+                                                   "(default: one token per step, most confident first)."),
     show: bool = ShowOpt,
     delay: float = typer.Option(0.12, help="Seconds to hold each frame of --show."),
     as_json: bool = JsonOpt,
@@ -311,7 +312,7 @@ def solve(
             view = None
             if show and solver.kind == "diffusion":
                 view = CanvasView(solver.tok, solver.model.config.mask_token_id, len(solver.prompt_ids(text)),
-                                  steps or solver.seq_len - len(solver.prompt_ids(text)), delay=delay,
+                                  steps or solver.budget(text), delay=delay,
                                   title=f"{name} · diffusion{solver.view_note}")
             try:
                 results += solver.solve([text], steps=steps, hook=view)

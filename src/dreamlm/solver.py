@@ -81,8 +81,10 @@ class Solver:
         self.seq_len = int(meta["seq_len"])
         self.separator = meta.get("separator", "")
         self.view = str(meta.get("view", ""))
-        if self.view and self.view not in self.task.views:
-            raise DreamError(f"{where}: task {self.task.name} has no view {self.view!r}")
+        try:
+            self.task.check_view(self.view)
+        except DreamError as err:
+            raise DreamError(f"{where}: {err}") from None
 
     @property
     def view_note(self) -> str:

@@ -66,10 +66,14 @@ class Task:
         """Raise DreamError if `input` is not a well-formed puzzle of this task."""
         self.check(input)
 
-    def _view(self, input: str, view: str) -> tuple[str, Callable[[str], str], Callable[[str], str]]:  # noqa: A002
-        if view not in self.views and view:
+    def check_view(self, view: str) -> None:
+        """Raise DreamError unless `view` is "" (the default) or one of this task's named views."""
+        if view and view not in self.views:
             known = ", ".join(repr(v) for v in self.views if v) or "none"
             raise DreamError(f"task {self.name} has no view {view!r} (its views: {known})")
+
+    def _view(self, input: str, view: str) -> tuple[str, Callable[[str], str], Callable[[str], str]]:  # noqa: A002
+        self.check_view(view)
         if view not in self.views:
             return input, _same, _same
         return self.views[view](input)
@@ -145,18 +149,21 @@ def star_task(degree: int, length: int) -> Task:
             if key_in_split(_star_key(puzzle), split):
                 return puzzle.input, puzzle.output
 
-    def renamed(text: str) -> tuple[str, Callable[[str], str], Callable[[str], str]]:
-        view, back = stargraph.relabel(text)
-        forward = {v: k for k, v in back.items()}
-        return view, lambda answer: stargraph.unlabel(answer, forward), lambda answer: stargraph.unlabel(answer, back)
-
-    def edges(text: str) -> tuple[str, Callable[[str], str], Callable[[str], str]]:
-        view, back = stargraph.edge_view(text)
-        forward = {v: k for k, v in back.items()}
-        return view, lambda answer: stargraph.unlabel(answer, forward), lambda answer: stargraph.unlabel(answer, back)
-
     return Task(f"star-{degree}-{length}", STAR_ALPHABET, False, make, stargraph.parse_input,
-                stargraph.is_valid_solution, {"": renamed, "edges": edges})
+                stargraph.is_valid_solution,
+                {"": _renaming(stargraph.relabel), "edges": _renaming(stargraph.edge_view)})
+
+
+def _renaming(rename: Callable[[str], tuple[str, dict[int, int]]]) -> View:
+    """A star-graph view from a renaming (puzzle → (view text, view name → puzzle name)): answer paths are mapped
+    into the view's names and back."""
+    def view(text: str) -> tuple[str, Callable[[str], str], Callable[[str], str]]:
+        renamed, back = rename(text)
+        forward = {v: k for k, v in back.items()}
+        return (renamed, lambda answer: stargraph.unlabel(answer, forward),
+                lambda answer: stargraph.unlabel(answer, back))
+
+    return view
 
 
 TASKS: dict[str, Task] = {
@@ -215,8 +222,7 @@ def make_examples(task_name: str, n: int, seed: int, split: str = "train",
     # train, test and ood different streams for the same seed.
     stream = f"dreamlm-tasks/{task.name}/{split}/{seed}"
     if workers is None:
-        rng = random.Random(stream)
-        return [task.generate(rng, split) for _ in range(n)]
+        return _chunk((task.name, split, stream, n))
     if not isinstance(workers, int) or workers < 1:
         raise DreamError(f"workers must be an integer >= 1, got {workers!r}")
     jobs = [(task.name, split, f"{stream}/chunk{i}", min(CHUNK, n - start))

@@ -166,7 +166,10 @@ def relabel(text: str) -> tuple[str, dict[int, int]]:
 def compact_names(text: str) -> dict[int, int]:
     """A map from the puzzle's node names to 10, 11, ..., 9 + n (n nodes) in a random order seeded by the puzzle
     text: the smallest name set a model can read, so that `edge_view` needs only n(n - 1) edge tokens."""
-    edges, _, _ = parse_input(text)
+    return _compact_names(parse_input(text)[0], text)
+
+
+def _compact_names(edges: list[Edge], text: str) -> dict[int, int]:
     nodes = list(dict.fromkeys([n for edge in edges for n in edge]))
     names = list(range(10, 10 + len(nodes)))
     random.Random(text.strip()).shuffle(names)
@@ -181,7 +184,7 @@ def edge_view(text: str) -> tuple[str, dict[int, int]]:
     hop to its neighbour. The graph, the query and the edge order are unchanged; the path still has to be found.
     """
     edges, centre, goal = parse_input(text)
-    new = compact_names(text)
+    new = _compact_names(edges, text)
     view = "|".join(f"{new[a]}>{new[b]}" for a, b in edges) + f"/{new[centre]},{new[goal]}="
     return view, {v: k for k, v in new.items()}
 

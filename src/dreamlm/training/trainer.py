@@ -114,8 +114,7 @@ def view_of(cfg: TrainConfig):
     if not cfg.data.task:
         raise DreamError("train config: data.view needs data.task (the task whose view it is)")
     task, view = get_task(cfg.data.task), cfg.data.view
-    if view not in task.views:
-        task.model_view("", view)  # raises the error that names the task's views
+    task.check_view(view)
     return lambda text_in, text_out: task.training_pair(text_in, text_out, view)
 
 

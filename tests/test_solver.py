@@ -132,3 +132,21 @@ def test_default_decoding_is_one_token_per_step_most_confident_first(sudoku_dirs
     assert history[-1] == 0 and all(a > b for a, b in zip([budget] + history, history))  # >= 1 slot every step
     solver.solve([PUZZLE], steps=5)
     assert "threshold" not in seen[-1] and seen[-1]["steps"] == 5
+
+
+def test_bundled_solver_dir_falls_back_to_a_wider_star_of_the_same_length(tmp_path, monkeypatch):
+    import dreamlm.solver as solver_module
+
+    for name in ("star-2-5-diffusion", "star-5-5-diffusion", "star-3-5-ar", "star-9-4-diffusion"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    (tmp_path / "star-4-5-diffusion").mkdir()  # no config.json: not a model
+    monkeypatch.setattr(solver_module, "bundled_model_dir", lambda name: tmp_path / name)
+    pick = solver_module.bundled_solver_dir
+    assert pick("star-2-5").name == "star-2-5-diffusion"  # its own model first
+    assert pick("star-3-5").name == "star-5-5-diffusion"  # else the smallest wider one of the same length
+    assert pick("star-4-5").name == "star-5-5-diffusion"
+    assert pick("star-2-5", "ar").name == "star-3-5-ar"
+    for task, kind in (("star-6-5", "diffusion"), ("star-2-6", "diffusion"), ("star-5-5", "ar"), ("sudoku9", "ar")):
+        with pytest.raises(DreamError, match=f"no bundled model for {task}"):
+            pick(task, kind)

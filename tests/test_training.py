@@ -315,3 +315,35 @@ def test_eval_solve_needs_a_task(tmp_path, puzzle_file):
         sft_cfg(puzzle_file, tmp_path, "run.eval_solve=4").validate()
     with pytest.raises(DreamError, match="has no view 'nope'"):
         train(sft_cfg(puzzle_file, tmp_path / "v", "data.task=star-2-5", "data.view=nope"))
+
+
+def test_compose_words_builds_edge_rows_from_their_parts():
+    from dreamlm.training.trainer import build_model, build_tokenizer
+
+    def model_for(*extra: str) -> tuple[DreamModel, DreamTokenizer]:
+        cfg = TrainConfig.load(None, ["model.char_alphabet=0123456789,|>", "model.char_words=10..13,10..13>10..13",
+                                      "model.hidden_size=32", "model.layers=1", "model.heads=2", "model.kv_heads=2",
+                                      "model.context=16", "data.train=x.jsonl", "data.seq_len=16", *extra])
+        tok = build_tokenizer(cfg)
+        return build_model(cfg, tok), tok
+
+    model, tok = model_for("model.compose_words=true")
+    plain, _ = model_for()
+    emb, base = model.model.embed_tokens.weight, plain.model.embed_tokens.weight
+
+    def row(table: torch.Tensor, word: str) -> torch.Tensor:
+        return table[tok.token_to_id(word)]
+
+    # Every edge into 12 shares one direction: the difference of two edges depends only on their other ends.
+    assert torch.allclose(row(emb, "10>12") - row(emb, "11>12"), row(emb, "10>13") - row(emb, "11>13"), atol=1e-6)
+    assert torch.allclose(row(emb, "12>10") - row(emb, "12>11"), row(emb, "13>10") - row(emb, "13>11"), atol=1e-6)
+    assert not torch.allclose(row(emb, "10>12"), row(emb, "12>10"), atol=1e-3)  # orientation kept
+    assert not torch.allclose(row(base, "10>12") - row(base, "11>12"), row(base, "10>13") - row(base, "11>13"),
+                              atol=1e-3)  # the plain init has no such structure
+    # Only the compound words change; names, characters and specials keep the plain init; the scale stays.
+    for word in ("10", ">", ",", "<|mask|>"):
+        assert torch.equal(row(emb, word), row(base, word))
+    edges = torch.stack([row(emb, f"{a}>{b}") for a in range(10, 14) for b in range(10, 14) if a != b])
+    assert 0.5 < edges.std().item() / base.std().item() < 2.0
+    again, _ = model_for("model.compose_words=true")
+    assert torch.equal(again.model.embed_tokens.weight, emb)  # seeded

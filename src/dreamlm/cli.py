@@ -282,7 +282,7 @@ def solve(
     as_json: bool = JsonOpt,
 ) -> None:
     """Solve a planning puzzle; prints the answer and whether it obeys the rules."""
-    from dreamlm.solver import Solver, bundled_model_dir, normalise_puzzle, resolve_task
+    from dreamlm.solver import Solver, bundled_solver_dir, normalise_puzzle, resolve_task
     from dreamlm.view import CanvasView
 
     with user_errors():
@@ -304,9 +304,9 @@ def solve(
         for text in puzzles:
             name = resolve_task(kind, text)
             if name not in solvers:
-                path = model or bundled_model_dir(f"{name}-{'ar' if ar else 'diffusion'}")
-                if not (path / "config.json").is_file():
-                    raise DreamError(f"no bundled model for {name} yet; train one (recipes/planning) and pass --model")
+                path = model or bundled_solver_dir(name, "ar" if ar else "diffusion")
+                if model is None and path.name != f"{name}-{'ar' if ar else 'diffusion'}":
+                    err.print(f"no bundled {name} model: using {path.name}", highlight=False)
                 solvers[name] = Solver(path)
             solver = solvers[name]
             view = None

@@ -8,6 +8,7 @@ puzzle, the separator, then masks up to `seq_len` — exactly the training layou
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -43,6 +44,24 @@ class Solution:
 def bundled_model_dir(name: str) -> Path:
     """A planning model shipped inside the package (e.g. 'sudoku4-diffusion')."""
     return Path(str(resources.files("dreamlm") / "assets" / name))
+
+
+def bundled_solver_dir(task: str, kind: str = "diffusion") -> Path:
+    """The bundled `kind` ("diffusion" or "ar") model for a task. A star graph G(d, l) without a model of its own
+    falls back to the bundled G(D, l) with the smallest D > d (the G(5, 5) models are trained on G(2, 5), G(3, 5)
+    and G(5, 5) together and read G(4, 5) as well); DreamError when there is none."""
+    path = bundled_model_dir(f"{task}-{kind}")
+    if (path / "config.json").is_file():
+        return path
+    star = re.fullmatch(r"star-(\d+)-(\d+)", task)
+    if star:
+        degree, length = int(star[1]), int(star[2])
+        wider = sorted(int(m[1]) for p in bundled_model_dir("x").parent.glob(f"star-*-{length}-{kind}")
+                       if (m := re.fullmatch(rf"star-(\d+)-{length}-{kind}", p.name)) and int(m[1]) > degree
+                       and (p / "config.json").is_file())
+        if wider:
+            return bundled_model_dir(f"star-{wider[0]}-{length}-{kind}")
+    raise DreamError(f"no bundled model for {task} yet; train one (recipes/planning) and pass --model")
 
 
 def write_task_file(path: str | Path, task: str, seq_len: int, separator: str, command: str, view: str = "") -> None:

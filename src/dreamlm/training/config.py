@@ -7,7 +7,9 @@ Sections and keys (all optional except data.train):
              whole-word tokens for it, "A..B" = the numbers A to B), hidden_size, layers,
              heads, kv_heads, intermediate_size (0 = 8/3·hidden rounded to 64), context (max positions),
              tie_embeddings (share the input embedding and the output head), init_std (std of the random
-             init of every weight matrix; 0.02 as HF Qwen2, larger helps narrow models leave the first plateau)
+             init of every weight matrix; 0.02 as HF Qwen2, larger helps narrow models leave the first plateau),
+             compose_words (a char_words token made of parts, e.g. the edge `12>15`, starts as the sum of one
+             random vector per (position, part), so every edge into 15 shares a direction from the first step)
 [data]       stage ("pretrain": packed text/JSONL "text"; "sft": JSONL prompt/response, input/output or messages),
              train (list of files), valid (list of files), seq_len, chat (apply the chat template to prompts),
              separator (text appended to each prompt, e.g. "<|sep|>"), random_truncation (cut each SFT batch's
@@ -52,6 +54,7 @@ class ModelSection:
     context: int = 512
     tie_embeddings: bool = False
     init_std: float = 0.02
+    compose_words: bool = False
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -92,6 +93,8 @@ def build_model(cfg: TrainConfig, tokenizer: DreamTokenizer) -> DreamModel:
                              tie_word_embeddings=m.tie_embeddings, initializer_range=m.init_std)
         torch.manual_seed(cfg.run.seed)
         model = DreamModel(config).init_weights(cfg.run.seed)
+        if m.compose_words:
+            compose_word_embeddings(model, tokenizer, cfg.run.seed)
     if cfg.objective.kind == "diffusion" and model.config.mask_token_id is None:
         raise DreamError("diffusion training needs a mask token: run `dreamlm convert` on the AR checkpoint first")
     if cfg.data.task:
@@ -105,6 +108,35 @@ def build_model(cfg: TrainConfig, tokenizer: DreamTokenizer) -> DreamModel:
                          "positions")
     model.tokenizer = tokenizer
     return model
+
+
+def compose_word_embeddings(model: DreamModel, tokenizer: DreamTokenizer, seed: int) -> int:
+    """Re-initialise the input embedding of every compound word token (digits and single separators, e.g. the edge
+    `12>15` → parts `12`, `>`, `15`) as Σ_i R_i·e(part_i)/√k: each part's own token embedding turned by a fixed
+    random rotation R_i per position, so `a>b` and `b>a` differ while every edge into 15 carries the same R_2·e(15)
+    — one linear map finds an edge by either end, for all names at once. Returns how many rows it set. The table
+    stays a plain embedding (the checkpoint format is unchanged)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    table = model.model.embed_tokens.weight
+    width = table.shape[1]
+    rotations: dict[int, torch.Tensor] = {}
+    done = 0
+    with torch.no_grad():
+        base = table.detach().float().clone()
+        for token_id in range(tokenizer.vocab_size):
+            word = tokenizer.id_to_token(token_id) or ""
+            parts = re.findall(r"\d+|[^\d<|]", word)
+            ids = [tokenizer.token_to_id(part) for part in parts]
+            if len(parts) < 2 or "".join(parts) != word or None in ids:
+                continue
+            row = torch.zeros(width)
+            for i, part_id in enumerate(ids):
+                if i not in rotations:
+                    rotations[i] = torch.linalg.qr(torch.randn(width, width, generator=gen))[0]
+                row += rotations[i] @ base[part_id]
+            table[token_id] = (row / len(parts) ** 0.5).to(table.dtype)
+            done += 1
+    return done
 
 
 def view_of(cfg: TrainConfig):

@@ -62,3 +62,18 @@ def test_star_solver_reads_other_generators_names():
     one_digit = "0,1|1,2|2,3|3,4|0,5|5,6|6,7|7,8/0,8="  # another generator's names: 0 is the centre
     [sol] = diffusion.solve([one_digit])
     assert sol.valid and sol.output == "0,5,6,7,8"  # found, and answered in the puzzle's own names
+
+
+@pytest.mark.skipif("star-5-5-diffusion" not in PLANNING, reason="no bundled G(5, 5) solver")
+def test_solve_path_hands_a_g45_graph_to_the_g55_model():
+    from typer.testing import CliRunner
+
+    from dreamlm.cli import app
+    from dreamlm.tasks import make_examples
+
+    [example] = make_examples("star-4-5", 1, 5, "test")
+    res = CliRunner().invoke(app, ["solve", "path", example["input"], "--json"])
+    assert res.exit_code == 0, res.output
+    assert "no bundled star-4-5 model: using star-5-5-diffusion" in res.stderr
+    [result] = json.loads(res.stdout)
+    assert result["valid"] and get_task("star-4-5").validate(example["input"], result["output"])

@@ -347,3 +347,14 @@ def test_compose_words_builds_edge_rows_from_their_parts():
     assert 0.5 < edges.std().item() / base.std().item() < 2.0
     again, _ = model_for("model.compose_words=true")
     assert torch.equal(again.model.embed_tokens.weight, emb)  # seeded
+
+
+def test_compose_words_needs_compound_words():
+    from dreamlm.training.trainer import build_model, build_tokenizer
+
+    cfg = TrainConfig.load(None, ["model.char_alphabet=0123456789,|>", "model.char_words=10..13>10..13",
+                                  "model.compose_words=true", "model.hidden_size=32", "model.layers=1",
+                                  "model.heads=2", "model.kv_heads=2", "model.context=16", "data.train=x.jsonl",
+                                  "data.seq_len=16"])
+    with pytest.raises(DreamError, match="compose_words: no char_words token is made of other tokens"):
+        build_model(cfg, build_tokenizer(cfg))  # the names 10..13 are not tokens, so no edge can be composed

@@ -8,8 +8,9 @@ Sections and keys (all optional except data.train):
              heads, kv_heads, intermediate_size (0 = 8/3·hidden rounded to 64), context (max positions),
              tie_embeddings (share the input embedding and the output head), init_std (std of the random
              init of every weight matrix; 0.02 as HF Qwen2, larger helps narrow models leave the first plateau),
-             compose_words (a char_words token made of parts, e.g. the edge `12>15`, starts as the sum of one
-             random vector per (position, part), so every edge into 15 shares a direction from the first step)
+             compose_words (a char_words token made of other tokens, e.g. the edge `12>15`, starts as the sum of each
+             part's own embedding turned by a fixed random rotation per position, so every edge into 15 shares
+             a direction from the first step; fresh init only, ignored with init_from)
 [data]       stage ("pretrain": packed text/JSONL "text"; "sft": JSONL prompt/response, input/output or messages),
              train (list of files), valid (list of files), seq_len, chat (apply the chat template to prompts),
              separator (text appended to each prompt, e.g. "<|sep|>"), random_truncation (cut each SFT batch's

@@ -93,8 +93,9 @@ def build_model(cfg: TrainConfig, tokenizer: DreamTokenizer) -> DreamModel:
                              tie_word_embeddings=m.tie_embeddings, initializer_range=m.init_std)
         torch.manual_seed(cfg.run.seed)
         model = DreamModel(config).init_weights(cfg.run.seed)
-        if m.compose_words:
-            compose_word_embeddings(model, tokenizer, cfg.run.seed)
+        if m.compose_words and not compose_word_embeddings(model, tokenizer, cfg.run.seed):
+            raise DreamError("model.compose_words: no char_words token is made of other tokens (e.g. the edges "
+                             "\"10..18>10..18\" with the names \"10..18\")")
     if cfg.objective.kind == "diffusion" and model.config.mask_token_id is None:
         raise DreamError("diffusion training needs a mask token: run `dreamlm convert` on the AR checkpoint first")
     if cfg.data.task:

@@ -304,8 +304,9 @@ def solve(
         for text in puzzles:
             name = resolve_task(kind, text)
             if name not in solvers:
-                path = model or bundled_solver_dir(name, "ar" if ar else "diffusion")
-                if model is None and path.name != f"{name}-{'ar' if ar else 'diffusion'}":
+                objective = "ar" if ar else "diffusion"
+                path = model or bundled_solver_dir(name, objective)
+                if model is None and path.name != f"{name}-{objective}":
                     err.print(f"no bundled {name} model: using {path.name}", highlight=False)
                 solvers[name] = Solver(path)
             solver = solvers[name]

@@ -23,9 +23,8 @@ Sections and keys (all optional except data.train):
              max_steps, batch_size (per process, per micro-step), grad_accum, clip (0 = off)
 [run]        out_dir, seed, log_every, eval_every, eval_batches, eval_solve (planning runs: also solve this many
              held-out puzzles at each evaluation and log their accuracy, "val_acc"), save_every, keep_checkpoints,
-             device ("auto",
-             "cpu", "cuda"), compile, activation_checkpointing, export_dtype ("bfloat16", "float32", "float16"),
-             progress (show the progress bar), stop_at (end the process after this step, as if interrupted;
+             device ("auto", "cpu", "cuda"), compile, activation_checkpointing, export_dtype ("bfloat16", "float32",
+             "float16"), progress (show the progress bar), stop_at (end the process after this step, as if interrupted;
              0 = never), rank_summaries (each rank writes its losses and a weight checksum: for tests)
 """
 

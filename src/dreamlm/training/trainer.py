@@ -122,13 +122,14 @@ def compose_word_embeddings(model: DreamModel, tokenizer: DreamTokenizer, seed: 
     width = table.shape[1]
     rotations: dict[int, torch.Tensor] = {}
     done = 0
+    specials = tokenizer.special_tokens()
     with torch.no_grad():
         base = table.detach().float().clone()
         for token_id in range(tokenizer.vocab_size):
             word = tokenizer.id_to_token(token_id) or ""
-            parts = re.findall(r"\d+|[^\d<|]", word)
+            parts = re.findall(r"\d+|\D", word)
             ids = [tokenizer.token_to_id(part) for part in parts]
-            if len(parts) < 2 or "".join(parts) != word or None in ids:
+            if word in specials or len(parts) < 2 or None in ids:
                 continue
             row = torch.zeros(width)
             for i, part_id in enumerate(ids):

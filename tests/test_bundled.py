@@ -77,3 +77,30 @@ def test_solve_path_hands_a_g45_graph_to_the_g55_model():
     assert "no bundled star-4-5 model: using star-5-5-diffusion" in res.stderr
     [result] = json.loads(res.stdout)
     assert result["valid"] and get_task("star-4-5").validate(example["input"], result["output"])
+
+
+@pytest.mark.skipif("star-5-5-diffusion" not in PLANNING, reason="no bundled G(5, 5) solver")
+@pytest.mark.parametrize("shape", ["star-2-4", "star-4-3", "star-5-2"])
+def test_shorter_star_graphs_are_stretched_for_a_longer_armed_model(shape):
+    from dreamlm.solver import bundled_solver_dir
+    from dreamlm.tasks import make_examples
+
+    examples = make_examples(shape, 20, 2, "test")
+    solver = Solver(bundled_solver_dir(shape))
+    assert solver.arm_length == 5
+    solutions = solver.solve([e["input"] for e in examples])
+    assert sum(s.valid for s in solutions) >= 18
+    for example, solution in zip(examples, solutions):  # answered in the puzzle's own graph, spliced nodes gone
+        assert len(solution.output.split(",")) == int(shape[-1]) or not solution.valid
+
+
+def test_solve_path_says_when_it_stretches_the_arms():
+    from typer.testing import CliRunner
+
+    from dreamlm.cli import app
+
+    res = CliRunner().invoke(app, ["solve", "path", "1,2|2,3|1,4|4,5/1,5=", "--json"])
+    assert res.exit_code == 0, res.output
+    assert "no bundled star-2-3 model: using star-2-5-diffusion (arms stretched to 5 nodes)" in res.stderr
+    [result] = json.loads(res.stdout)
+    assert result["output"] == "1,4,5" and result["valid"]

@@ -134,7 +134,7 @@ def test_default_decoding_is_one_token_per_step_most_confident_first(sudoku_dirs
     assert "threshold" not in seen[-1] and seen[-1]["steps"] == 5
 
 
-def test_bundled_solver_dir_falls_back_to_a_wider_star_of_the_same_length(tmp_path, monkeypatch):
+def test_bundled_solver_dir_falls_back_to_a_wider_or_longer_star(tmp_path, monkeypatch):
     import dreamlm.solver as solver_module
 
     for name in ("star-2-5-diffusion", "star-5-5-diffusion", "star-3-5-ar", "star-9-4-diffusion"):
@@ -147,6 +147,13 @@ def test_bundled_solver_dir_falls_back_to_a_wider_star_of_the_same_length(tmp_pa
     assert pick("star-3-5").name == "star-5-5-diffusion"  # else the smallest wider one of the same length
     assert pick("star-4-5").name == "star-5-5-diffusion"
     assert pick("star-2-5", "ar").name == "star-3-5-ar"
-    for task, kind in (("star-6-5", "diffusion"), ("star-2-6", "diffusion"), ("star-5-5", "ar"), ("sudoku9", "ar")):
+    # Shorter arms: a model with long enough arms, the smallest degree first (the solver stretches the arms).
+    assert pick("star-2-4").name == "star-2-5-diffusion"  # degree 2 before length 4
+    assert pick("star-6-3").name == "star-9-4-diffusion"
+    assert pick("star-5-2").name == "star-5-5-diffusion"
+    assert pick("star-3-4").name == "star-5-5-diffusion"
+    assert pick("star-1-2", "ar").name == "star-3-5-ar"
+    for task, kind in (("star-6-5", "diffusion"), ("star-2-6", "diffusion"), ("star-5-5", "ar"), ("sudoku9", "ar"),
+                       ("star-10-3", "diffusion")):
         with pytest.raises(DreamError, match=f"no bundled model for {task}"):
             pick(task, kind)

@@ -291,6 +291,30 @@ def test_countdown_generator_conventions():
             assert countdown.is_valid_solution(puzzle.input, puzzle.output)
 
 
+def test_countdown_fixed_view():
+    # Every number zero-padded to one width per k: each equation's characters sit at fixed places.
+    assert [countdown.view_width(k) for k in (2, 3, 4, 5)] == [4, 4, 6, 8]  # 99**2 = 9801, 99**3 = 970299, ...
+    task = tasks.get_task("cd4")
+    view_in, view_out = task.training_pair(*PLANNING_CD, "fixed")
+    assert view_in == "000086,000028,000013,000031,000096"
+    assert view_out == "000086+000028=000114,000031-000013=000018,000114-000018=000096"
+    text, to_answer = task.model_view(" 86,28,13,31,96\n", "fixed")
+    assert text == view_in and to_answer(view_out) == PLANNING_CD[1]
+    cd3 = tasks.get_task("cd3")
+    for example in tasks.make_examples("cd3", 30, 3, "train") + tasks.make_examples("cd3", 10, 3, "ood"):
+        view_in, view_out = cd3.training_pair(example["input"], example["output"], "fixed")
+        assert len(view_in) == 4 * 4 + 3 and len(view_out) == 2 * 14 + 1  # one length for every CD3 puzzle
+        assert cd3.model_view(example["input"], "fixed")[1](view_out) == example["output"]
+    # A wrong answer stays wrong (and a malformed one malformed) once mapped back.
+    assert not task.validate(PLANNING_CD[0], to_answer(view_out.replace("000114", "000115")))
+    assert to_answer("0086+0a28=114,,") == "86+0a28=114,,"
+    assert countdown.from_fixed("000+0007=7") == "0+7=7"
+    with pytest.raises(DreamError, match="does not fit the 4-digit fixed view"):
+        cd3.training_pair("99,99,99,100", "99*99=9801,9801*99=970299", "fixed")
+    with pytest.raises(DreamError, match="target must be in"):
+        cd3.model_view("1,2,3,0", "fixed")
+
+
 def test_countdown_ood_split_holds_out_targets():
     assert countdown.OOD_TARGETS == (17, 27, 37, 47, 57, 67, 77, 87, 97)
     held_out = set(countdown.OOD_TARGETS)
@@ -369,6 +393,30 @@ def test_star_relabel_round_trip():
     own = tasks.get_task("star-2-5").generate(random.Random(3))["input"]
     assert stargraph.relabel(own)[0] == own and task.model_view(own)[0] == own
     assert tasks.get_task("sudoku4").model_view("0000\n0000")[0] == "0000\n0000"
+
+
+def test_star_stretch_splices_fresh_nodes_after_the_centre():
+    text, answer = PLANNING_STAR
+    edges, centre, goal = stargraph.parse_input(text)
+    assert stargraph.shape(edges, centre) == (2, 3)
+    longer, splice = stargraph.stretch(text, 5)
+    assert longer == stargraph.stretch(text, 5)[0]  # seeded by the puzzle
+    new_edges, new_centre, new_goal = stargraph.parse_input(longer)
+    assert (new_centre, new_goal) == (centre, goal) and stargraph.shape(new_edges, centre) == (2, 5)
+    assert set(splice) == {7, 41} and all(len(fresh) == 2 for fresh in splice.values())
+    assert set(edges) - {(12, 7), (12, 41)} <= set(new_edges)  # the other edges kept, written the same way
+    spliced = [centre, *splice[41], 41, 9, 58]
+    assert stargraph.is_valid_solution(longer, ",".join(map(str, spliced)))
+    assert stargraph.unstretch(",".join(map(str, spliced)), splice) == answer
+    wrong = [centre, *splice[7], 41, 9, 58]  # the other arm's spliced nodes: left in, so invalid in the original
+    assert stargraph.unstretch(",".join(map(str, wrong)), splice) == ",".join(map(str, wrong))
+    assert not stargraph.is_valid_solution(text, stargraph.unstretch(",".join(map(str, wrong)), splice))
+    assert stargraph.unstretch("12,x", splice) == "12,x"
+    assert stargraph.stretch(text, 3) == (text, {}) and stargraph.stretch(text, 2) == (text, {})
+    # Edges written towards the centre stay that way round.
+    inward, splice = stargraph.stretch("7,12|33,7|41,12|58,41/12,58=", 4)
+    fresh = splice[41][0]
+    assert (fresh, 12) in stargraph.parse_input(inward)[0] and (41, fresh) in stargraph.parse_input(inward)[0]
 
 
 def test_star_edge_view_round_trip():

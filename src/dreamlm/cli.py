@@ -306,9 +306,13 @@ def solve(
             if name not in solvers:
                 objective = "ar" if ar else "diffusion"
                 path = model or bundled_solver_dir(name, objective)
-                if model is None and path.name != f"{name}-{objective}":
-                    err.print(f"no bundled {name} model: using {path.name}", highlight=False)
                 solvers[name] = Solver(path)
+                if model is None and path.name != f"{name}-{objective}":
+                    length = int(name.rsplit("-", 1)[1])  # only star graphs fall back to another model
+                    stretched = solvers[name].arm_length != length
+                    err.print(f"no bundled {name} model: using {path.name}"
+                              + (f" (arms stretched to {solvers[name].arm_length} nodes)" if stretched else ""),
+                              highlight=False)
             solver = solvers[name]
             view = None
             if show and solver.kind == "diffusion":

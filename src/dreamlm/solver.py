@@ -21,7 +21,7 @@ from dreamlm.errors import DreamError
 from dreamlm.model import DreamModel
 from dreamlm.sampling import cut_at_eos, diffusion_generate
 from dreamlm.sampling.autoregressive import ar_generate
-from dreamlm.tasks import get_task
+from dreamlm.tasks import get_task, stargraph
 
 TASK_FILE = "dreamlm_task.json"
 
@@ -48,19 +48,21 @@ def bundled_model_dir(name: str) -> Path:
 
 def bundled_solver_dir(task: str, kind: str = "diffusion") -> Path:
     """The bundled `kind` ("diffusion" or "ar") model for a task. A star graph G(d, l) without a model of its own
-    falls back to the bundled G(D, l) with the smallest D > d (the G(5, 5) models are trained on G(2, 5), G(3, 5)
-    and G(5, 5) together and read G(4, 5) as well); DreamError when there is none."""
+    falls back to the bundled G(D, L) with D >= d and L >= l, the smallest degree first, then the shortest arms: the
+    solver stretches shorter arms to L (`stargraph.stretch`, which keeps the graph a star of that shape), while a
+    model reads fewer arms than it was trained on only when its training mixed degrees (the G(5, 5) models, trained
+    on G(2, 5), G(3, 5) and G(5, 5) together, read G(4, 5) as well). DreamError when there is none."""
     path = bundled_model_dir(f"{task}-{kind}")
     if (path / "config.json").is_file():
         return path
     star = re.fullmatch(r"star-(\d+)-(\d+)", task)
     if star:
         degree, length = int(star[1]), int(star[2])
-        wider = sorted(int(m[1]) for p in bundled_model_dir("x").parent.glob(f"star-*-{length}-{kind}")
-                       if (m := re.fullmatch(rf"star-(\d+)-{length}-{kind}", p.name)) and int(m[1]) > degree
-                       and (p / "config.json").is_file())
-        if wider:
-            return bundled_model_dir(f"star-{wider[0]}-{length}-{kind}")
+        bigger = sorted((int(m[1]), int(m[2])) for p in bundled_model_dir("x").parent.glob(f"star-*-{kind}")
+                        if (m := re.fullmatch(rf"star-(\d+)-(\d+)-{kind}", p.name)) and int(m[1]) >= degree
+                        and int(m[2]) >= length and (p / "config.json").is_file())
+        if bigger:
+            return bundled_model_dir("star-{}-{}-{}".format(*bigger[0], kind))
     raise DreamError(f"no bundled model for {task} yet; train one (recipes/planning) and pass --model")
 
 
@@ -100,6 +102,8 @@ class Solver:
         self.seq_len = int(meta["seq_len"])
         self.separator = meta.get("separator", "")
         self.view = str(meta.get("view", ""))
+        star = re.fullmatch(r"star-\d+-(\d+)", self.task.name)
+        self.arm_length = int(star[1]) if star else None  # star graphs: the arm length the model was trained on
         try:
             self.task.check_view(self.view)
         except DreamError as err:
@@ -121,12 +125,17 @@ class Solver:
         return self._encode(self._view(puzzle)[0])
 
     def _view(self, puzzle: str) -> tuple[str, Callable[[str], str]]:
-        """Check the puzzle as given (DreamError if malformed), then give it as the model reads it."""
+        """Check the puzzle as given (DreamError if malformed), then give it as the model reads it. A star graph
+        with shorter arms than the model's is first stretched to them (`stargraph.stretch`)."""
         self.task.check_input(puzzle)
         unknown = set(puzzle) - set(self.task.alphabet)
         if unknown:
             raise DreamError(f"the puzzle has characters this task never uses: {''.join(sorted(unknown))!r}")
-        return self.task.model_view(puzzle, self.view)
+        if self.arm_length is None:
+            return self.task.model_view(puzzle, self.view)
+        stretched, splice = stargraph.stretch(puzzle, self.arm_length)
+        text, back = self.task.model_view(stretched, self.view)
+        return text, lambda answer: stargraph.unstretch(back(answer), splice)
 
     def _encode(self, text: str) -> list[int]:
         ids = self.tok.encode(text + self.separator)
@@ -180,7 +189,7 @@ class Solver:
 def resolve_task(kind: str, puzzle: str) -> str:
     """A registry task name from a family name and a puzzle: sudoku → sudoku4/9 by size, countdown → cdN by the
     count of numbers, path → star-D-L from the graph's shape; an exact task name passes through."""
-    from dreamlm.tasks import TASKS, stargraph
+    from dreamlm.tasks import TASKS
 
     if kind in TASKS:
         return kind
@@ -193,10 +202,7 @@ def resolve_task(kind: str, puzzle: str) -> str:
         return f"cd{max(len(parts) - 1, 1)}"
     if kind == "path":
         edges, centre, _ = stargraph.parse_input(text)
-        degree = sum(centre in e for e in edges)
-        nodes = len({n for e in edges for n in e})
-        length = (nodes - 1) // max(degree, 1) + 1
-        return f"star-{degree}-{length}"
+        return "star-{}-{}".format(*stargraph.shape(edges, centre))
     raise DreamError(f"unknown task {kind!r}; use sudoku, countdown, path or one of {', '.join(TASKS)}")
 
 

@@ -130,7 +130,11 @@ def countdown_task(k: int) -> Task:
         if len(numbers) != k:
             raise DreamError(f"a cd{k} puzzle has {k} numbers and a target, got {len(numbers)} numbers")
 
-    return Task(f"cd{k}", COUNTDOWN_ALPHABET, True, make, check, countdown.is_valid_solution)
+    def fixed(text: str) -> tuple[str, Callable[[str], str], Callable[[str], str]]:
+        return (countdown.fixed_view(text, k), lambda answer: countdown.to_fixed(answer, k),
+                countdown.from_fixed)
+
+    return Task(f"cd{k}", COUNTDOWN_ALPHABET, True, make, check, countdown.is_valid_solution, {"fixed": fixed})
 
 
 def _star_key(puzzle: stargraph.Puzzle) -> str:

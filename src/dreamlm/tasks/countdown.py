@@ -166,6 +166,43 @@ def parse_input(text: str) -> tuple[list[int], int]:
     return numbers, target
 
 
+def view_width(k: int) -> int:
+    """Digits per number in the "fixed" view of CDk: enough for any intermediate result of k numbers from
+    NUMBER_RANGE (at most 99**(k-1) before the last equation) and for any target parse_input accepts."""
+    return max(len(str(NUMBER_RANGE[1] ** (k - 1))), len(str(PARSE_TARGET_RANGE[1])))
+
+
+def _pad_numbers(text: str, width: int) -> str:
+    """Every number in `text` written with leading zeros to `width` digits (DreamError if one is longer)."""
+    def pad(match: re.Match[str]) -> str:
+        digits = match.group().lstrip("0") or "0"
+        if len(digits) > width:
+            raise DreamError(f"{digits[:20]} does not fit the {width}-digit fixed view")
+        return digits.rjust(width, "0")
+
+    return re.sub(r"[0-9]+", pad, text)
+
+
+def fixed_view(text: str, k: int) -> str:
+    """The "fixed" view of a CDk puzzle: every number zero-padded to `view_width(k)` digits, so each equation of
+    an answer sits at the same characters whatever its values (`86,28,13,96` → `0086,0028,0013,0096`). A masked
+    diffusion model then knows where every digit of every equation goes before it knows the digits, and the digits
+    of a, b and a op b line up column by column."""
+    numbers, target = parse_input(text)
+    return _pad_numbers(format_input(numbers, target), view_width(k))
+
+
+def to_fixed(answer: str, k: int) -> str:
+    """An answer written in the fixed view of CDk (for training pairs)."""
+    return _pad_numbers(answer.strip(), view_width(k))
+
+
+def from_fixed(answer: str) -> str:
+    """A fixed-view answer written plainly: leading zeros dropped from every number (`0086+0028=0114` →
+    `86+28=114`); anything else is kept, so a malformed answer stays malformed for the validator."""
+    return re.sub(r"[0-9]+", lambda m: m.group().lstrip("0") or "0", answer)
+
+
 def _parse_step(text: str) -> Step | None:
     match = _EQUATION.fullmatch(text)
     if match is None or max(len(g) for g in match.group(1, 3, 4)) > _MAX_DIGITS:

@@ -147,6 +147,60 @@ def _reachable(adjacency: dict[int, set[int]], start: int, goal: int) -> bool:
     return False
 
 
+def shape(edges: list[Edge], centre: int) -> tuple[int, int]:
+    """(degree, length) of a star graph: the centre's edges, and nodes per arm including the centre."""
+    degree = sum(centre in edge for edge in edges)
+    nodes = len({n for edge in edges for n in edge})
+    return degree, (nodes - 1) // max(degree, 1) + 1
+
+
+Splice = dict[int, tuple[int, ...]]  # a neighbour of the centre → the fresh nodes spliced in before it
+
+
+def stretch(text: str, length: int) -> tuple[str, Splice]:
+    """The puzzle with arms of `length` nodes: fresh nodes spliced in between the centre and each of its neighbours
+    (the same number on every arm, edges written the way the puzzle writes its centre's edge), the new edges put at
+    random places in the edge list. Seeded by the puzzle, so the same puzzle is always stretched the same way.
+
+    A G(d, l) becomes a G(d, length) whose answer is the old one with the spliced nodes after the centre, so a
+    model of longer arms reads it (`unstretch` maps its answer back); the path still has to be found. A puzzle
+    whose arms are already this long is returned unchanged with an empty splice.
+    """
+    edges, centre, goal = parse_input(text)
+    extra = length - shape(edges, centre)[1]
+    if extra <= 0:
+        return text, {}
+    rng = random.Random(f"stretch/{text.strip()}")
+    nodes = {n for edge in edges for n in edge}
+    pool = [n for n in names_for(len(nodes) + extra * len(edges)) if n not in nodes]
+    fresh = iter(rng.sample(pool, extra * sum(centre in edge for edge in edges)))
+    kept: list[Edge] = []
+    splice: Splice = {}
+    for a, b in edges:
+        if centre not in (a, b):
+            kept.append((a, b))
+            continue
+        neighbour = b if a == centre else a
+        splice[neighbour] = tuple(next(fresh) for _ in range(extra))
+        chain = [centre, *splice[neighbour], neighbour]
+        kept.extend(zip(chain, chain[1:]) if a == centre else ((y, x) for x, y in zip(chain, chain[1:])))
+    rng.shuffle(kept)
+    return format_input(kept, centre, goal), splice
+
+
+def unstretch(answer: str, splice: Splice) -> str:
+    """An answer to a stretched puzzle in the original's terms: the spliced nodes right after the centre are
+    dropped when they are exactly those spliced before the next node; anything else is left as written (names that
+    are not in the original graph make such an answer invalid there)."""
+    path = _parse_path(answer)
+    if path is None or not splice:
+        return answer
+    for neighbour, fresh in splice.items():
+        if path[1:2 + len(fresh)] == [*fresh, neighbour]:
+            return ",".join(str(n) for n in [path[0], *path[1 + len(fresh):]])
+    return answer
+
+
 def relabel(text: str) -> tuple[str, dict[int, int]]:
     """The puzzle with node names in the generator's layout, and the map from new names back to the given ones.
 

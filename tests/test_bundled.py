@@ -104,3 +104,23 @@ def test_solve_path_says_when_it_stretches_the_arms():
     assert "no bundled star-2-3 model: using star-2-5-diffusion (arms stretched to 5 nodes)" in res.stderr
     [result] = json.loads(res.stdout)
     assert result["output"] == "1,4,5" and result["valid"]
+
+
+@pytest.mark.skipif("star-5-5-diffusion" not in PLANNING, reason="no bundled G(5, 5) solver")
+def test_bench_star_grid_uses_the_pair_solve_path_picks(tmp_path):
+    from dreamlm.bench import planning, planning_table, star_grid, write_planning_report
+
+    grid = star_grid(6, ((2, 4), (4, 3), (6, 5)))
+    assert list(grid) == ["star-2-4", "star-4-3"]  # no bundled pair has 6 arms: left out
+    assert grid["star-4-3"]["models"] == {"diffusion": "star-5-5-diffusion", "ar": "star-5-5-ar"}
+    assert all(grid[name][kind]["n"] == 6 for name in grid for kind in ("diffusion", "ar"))
+    assert grid["star-2-4"]["diffusion"]["accuracy"] >= 5 / 6
+    report = planning(n=4, tasks=["star-2-5"], out_dir=tmp_path, grid=False)
+    assert "star_grid" not in report and list(report["results"]) == ["star-2-5"]
+    report["star_grid"] = grid
+    table = planning_table(report)
+    assert "| G(4, 3) |" in table and "star-5-5-diffusion / star-5-5-ar" in table
+    assert {p.name for p in tmp_path.iterdir()} == {"planning.md", "planning.json", "planning.png"}
+    write_planning_report(report, tmp_path / "grid")
+    assert "| G(2, 4) |" in (tmp_path / "grid" / "planning.md").read_text()
+    assert json.loads((tmp_path / "grid" / "planning.json").read_text())["star_grid"]["star-2-4"]["models"]

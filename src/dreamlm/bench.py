@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from dreamlm.errors import DreamError
-from dreamlm.solver import Solver, bundled_model_dir
+from dreamlm.solver import Solver, bundled_model_dir, bundled_solver_dir
 from dreamlm.tasks import get_task, make_examples
 
 PLANNING_TASKS = ["sudoku4", "star-2-5", "star-3-5", "star-5-5", "cd3", "sudoku9", "cd4"]
@@ -60,9 +60,34 @@ def score(solver: Solver, puzzles: list[str], batch: int = 64, **kwargs: Any) ->
     return Score(valid / len(puzzles), statistics.mean(passes), 1000 * seconds / len(puzzles), len(puzzles))
 
 
+STAR_GRID = tuple((d, l) for d in range(2, 6) for l in range(2, 6))  # star graphs G(d, l) the grid reports
+
+
+def star_grid(n: int, shapes: tuple[tuple[int, int], ...] = STAR_GRID) -> dict[str, Any]:
+    """Diffusion vs AR on held-out star graphs of each shape G(d, l), each solved by the bundled pair that
+    `dreamlm solve path` picks for it (its own, or one of more arms or longer arms, see `bundled_solver_dir`);
+    shapes no bundled pair covers are left out."""
+    grid: dict[str, Any] = {}
+    solvers: dict[Path, Solver] = {}
+    for degree, length in shapes:
+        name = f"star-{degree}-{length}"
+        try:
+            paths = {kind: bundled_solver_dir(name, kind) for kind in ("diffusion", "ar")}
+        except DreamError:
+            continue
+        puzzles = [e["input"] for e in make_examples(name, n, TEST_SEED, "test")]
+        entry: dict[str, Any] = {"models": {kind: path.name for kind, path in paths.items()}}
+        for kind, path in paths.items():
+            solver = solvers.setdefault(path, Solver(path))
+            entry[kind] = vars(score(solver, puzzles))
+        grid[name] = entry
+    return grid
+
+
 def planning(n: int = 200, tasks: list[str] | None = None, out_dir: Path | None = None,
-             steps_fractions: tuple[float, ...] = (0.25, 0.5, 1.0)) -> dict[str, Any]:
-    """Diffusion vs AR on each task's held-out split (and Countdown's OOD split); diffusion accuracy vs steps."""
+             steps_fractions: tuple[float, ...] = (0.25, 0.5, 1.0), grid: bool = True) -> dict[str, Any]:
+    """Diffusion vs AR on each task's held-out split (and Countdown's OOD split); diffusion accuracy vs steps; with
+    `grid`, diffusion vs AR on star graphs of every shape in STAR_GRID."""
     names = available_tasks(tasks)
     if not names:
         raise DreamError("no bundled planning models found (train them with recipes/planning first)")
@@ -85,6 +110,8 @@ def planning(n: int = 200, tasks: list[str] | None = None, out_dir: Path | None 
         entry["steps_curve"] = curve
         results[name] = entry
     report = {"machine": machine(), "command": "dreamlm " + " ".join(sys.argv[1:]), "n": n, "results": results}
+    if grid:
+        report["star_grid"] = star_grid(n)
     if out_dir is not None:
         write_planning_report(report, out_dir)
     return report
@@ -109,6 +136,12 @@ def planning_table(report: dict[str, Any]) -> str:
         for point in entry["steps_curve"]:
             lines.append(f"| {name} | {point['steps']} | {100 * point['accuracy']:.1f} % | "
                          f"{point['ms_per_solution']:.1f} |")
+    if report.get("star_grid"):
+        lines += ["", "| star graph | diffusion acc | AR acc | models (diffusion / AR) |", "|---|---|---|---|"]
+        for name, entry in report["star_grid"].items():
+            lines.append(f"| G({name.split('-')[1]}, {name.split('-')[2]}) | "
+                         f"{100 * entry['diffusion']['accuracy']:.1f} % | {100 * entry['ar']['accuracy']:.1f} % | "
+                         f"{entry['models']['diffusion']} / {entry['models']['ar']} |")
     return "\n".join(lines)
 
 
@@ -125,7 +158,9 @@ def write_planning_report(report: dict[str, Any], out_dir: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(report["results"])
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    grid = report.get("star_grid") or {}
+    fig, axes = plt.subplots(1, 3 if grid else 2, figsize=(16 if grid else 11, 4))
+    left, right = axes[0], axes[1]
     xs = range(len(names))
     d = [100 * report["results"][t]["test"]["diffusion"]["accuracy"] for t in names]
     a = [100 * report["results"][t]["test"]["ar"]["accuracy"] for t in names]
@@ -142,6 +177,15 @@ def write_planning_report(report: dict[str, Any], out_dir: Path) -> None:
     right.set_ylabel("accuracy (%)")
     right.set_ylim(0, 105)
     right.legend()
+    if grid:
+        shapes = list(grid)
+        for kind, label in (("diffusion", "diffusion"), ("ar", "AR")):
+            axes[2].plot(range(len(shapes)), [100 * grid[s][kind]["accuracy"] for s in shapes], "o-", label=label)
+        axes[2].set_xticks(range(len(shapes)), [s.removeprefix("star-") for s in shapes], rotation=60)
+        axes[2].set_xlabel("star graph d-l")
+        axes[2].set_ylabel("held-out accuracy (%)")
+        axes[2].set_ylim(0, 105)
+        axes[2].legend()
     fig.tight_layout()
     fig.savefig(out_dir / "planning.png", dpi=120)
     plt.close(fig)

@@ -381,13 +381,15 @@ app.add_typer(bench_app, name="bench")
 
 @bench_app.command("planning")
 def bench_planning(n: int = typer.Option(200, help="Held-out puzzles per task and split."),
-                   out_dir: Path = typer.Option(Path("benchmarks/results"), "--out", help="Where to write tables.")
+                   out_dir: Path = typer.Option(Path("benchmarks/results"), "--out", help="Where to write tables."),
+                   star_grid: bool = typer.Option(True, help="Also star graphs G(d, l), d and l in 2..5, each "
+                                                            "with the bundled pair `solve path` picks for it.")
                    ) -> None:
     """Diffusion vs AR on held-out splits: accuracy, forward passes, time; accuracy vs diffusion steps."""
     from dreamlm.bench import planning, planning_table
 
     with user_errors():
-        report = planning(n=n, out_dir=out_dir)
+        report = planning(n=n, out_dir=out_dir, grid=star_grid)
         print(planning_table(report))
         err.print(f"machine: {report['machine']}; wrote {out_dir}/planning.(md|json|png)")
 

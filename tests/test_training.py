@@ -155,6 +155,19 @@ def test_sft_diffusion_and_ar_runs_export(tmp_path, puzzle_file):
     assert diff.tokenizer.decode(diff.tokenizer.encode("12+3")) == "12+3"
 
 
+def test_init_from_grows_the_rotary_window_only_to_model_context(tmp_path, puzzle_file):
+    first = train(sft_cfg(puzzle_file, tmp_path / "short", "model.context=10"))
+    assert DreamModel.from_pretrained(first).config.max_position_embeddings == 10
+    longer = ("data.seq_len=14", f"model.init_from={first}", "optim.max_steps=1")
+    with pytest.raises(DreamError, match="seq_len=14 exceeds the model's 10 positions"):
+        train(sft_cfg(puzzle_file, tmp_path / "no", *longer, "model.context=12"))
+    grown = DreamModel.from_pretrained(train(sft_cfg(puzzle_file, tmp_path / "grown", *longer, "model.context=16")))
+    assert grown.config.max_position_embeddings == 16
+    same = DreamModel.from_pretrained(train(sft_cfg(puzzle_file, tmp_path / "same", f"model.init_from={first}",
+                                                    "optim.max_steps=1", "model.context=64")))
+    assert same.config.max_position_embeddings == 10  # the data fits: the window is left as it was
+
+
 def test_tie_embeddings_shares_one_matrix(tmp_path, puzzle_file):
     model = DreamModel.from_pretrained(train(sft_cfg(puzzle_file, tmp_path / "tied", "model.tie_embeddings=true")))
     assert model.config.tie_word_embeddings

@@ -5,7 +5,8 @@ Sections and keys (all optional except data.train):
 [model]      init_from (Dream/Qwen2 dir to start from; "" = random init), tokenizer (dir with tokenizer files),
              char_alphabet (build a character tokenizer from these characters instead), char_words (extra
              whole-word tokens for it, "A..B" = the numbers A to B), hidden_size, layers,
-             heads, kv_heads, intermediate_size (0 = 8/3·hidden rounded to 64), context (max positions),
+             heads, kv_heads, intermediate_size (0 = 8/3·hidden rounded to 64), context (max positions; with
+             init_from it only grows the checkpoint's rotary window, when data.seq_len needs it),
              tie_embeddings (share the input embedding and the output head), init_std (std of the random
              init of every weight matrix; 0.02 as HF Qwen2, larger helps narrow models leave the first plateau),
              compose_words (a char_words token made of other tokens, e.g. the edge `12>15`, starts as the sum of each

@@ -104,6 +104,10 @@ def build_model(cfg: TrainConfig, tokenizer: DreamTokenizer) -> DreamModel:
         get_task(cfg.data.task)  # an unknown name fails now, not after training
     if cfg.data.view:
         view_of(cfg)  # so does an unknown view
+    if cfg.model.init_from and cfg.data.seq_len <= cfg.model.context and cfg.data.seq_len > model.config.context_length:
+        # Rotary positions are computed, not learned: an init_from model's window grows to model.context when the
+        # data needs it (its weights have never seen the new positions; the run teaches them).
+        model.config.max_position_embeddings = cfg.model.context
     if cfg.data.seq_len > model.config.max_position_embeddings:
         raise DreamError(f"data.seq_len={cfg.data.seq_len} exceeds the model's {model.config.max_position_embeddings} "
                          "positions")

@@ -134,6 +134,16 @@ def test_default_decoding_is_one_token_per_step_most_confident_first(sudoku_dirs
     assert "threshold" not in seen[-1] and seen[-1]["steps"] == 5
 
 
+def test_read_length_picks_the_smallest_covering_shape():
+    from dreamlm.solver import read_length, star_shapes
+
+    shapes = [(2, 5), (2, 11), (3, 7), (4, 6), (5, 5)]
+    assert [read_length(shapes, d, l) for d, l in ((2, 5), (2, 8), (3, 6), (4, 4), (1, 3), (5, 2))] == [5, 11, 7, 6, 5, 5]
+    assert read_length(shapes, 5, 6) is None and read_length(shapes, 6, 2) is None
+    assert star_shapes({"task": "star-3-5"}) == [(3, 5)] and star_shapes({"task": "cd3"}) == []
+    assert star_shapes({"task": "star-5-5", "star_shapes": [[2, 11], [5, 5]]}) == [(2, 11), (5, 5)]
+
+
 def test_bundled_solver_dir_falls_back_to_a_wider_or_longer_star(tmp_path, monkeypatch):
     import dreamlm.solver as solver_module
 
@@ -141,6 +151,8 @@ def test_bundled_solver_dir_falls_back_to_a_wider_or_longer_star(tmp_path, monke
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text("{}")
     (tmp_path / "star-4-5-diffusion").mkdir()  # no config.json: not a model
+    (tmp_path / "star-5-5-diffusion" / "dreamlm_task.json").write_text(  # trained on a mix of shapes
+        json.dumps({"task": "star-5-5", "star_shapes": [[2, 11], [3, 7], [5, 5]]}))
     monkeypatch.setattr(solver_module, "bundled_model_dir", lambda name: tmp_path / name)
     pick = solver_module.bundled_solver_dir
     assert pick("star-2-5").name == "star-2-5-diffusion"  # its own model first
@@ -153,7 +165,9 @@ def test_bundled_solver_dir_falls_back_to_a_wider_or_longer_star(tmp_path, monke
     assert pick("star-5-2").name == "star-5-5-diffusion"
     assert pick("star-3-4").name == "star-5-5-diffusion"
     assert pick("star-1-2", "ar").name == "star-3-5-ar"
-    for task, kind in (("star-6-5", "diffusion"), ("star-2-6", "diffusion"), ("star-5-5", "ar"), ("sudoku9", "ar"),
-                       ("star-10-3", "diffusion")):
+    assert pick("star-2-8").name == pick("star-3-6").name == "star-5-5-diffusion"  # its G(2, 11) and G(3, 7)
+    assert pick("star-4-4").name == "star-5-5-diffusion"
+    for task, kind in (("star-6-5", "diffusion"), ("star-4-6", "diffusion"), ("star-5-5", "ar"), ("sudoku9", "ar"),
+                       ("star-10-3", "diffusion"), ("star-2-12", "diffusion")):
         with pytest.raises(DreamError, match=f"no bundled model for {task}"):
             pick(task, kind)

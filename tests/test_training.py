@@ -301,11 +301,12 @@ def test_star_edges_view_training_logs_solve_accuracy(tmp_path, kind):
     from dreamlm.tasks import write_dataset
 
     train_file = write_dataset("star-2-3", 64, 0, "train", tmp_path / "train.jsonl")
+    short_file = write_dataset("star-2-2", 16, 0, "train", tmp_path / "short.jsonl")
     valid_file = write_dataset("star-2-3", 16, 1, "test", tmp_path / "test.jsonl")
     cfg = TrainConfig.load(None, [
         "model.char_alphabet=0123456789,|/=>", "model.char_words=10..14,10..14>10..14", "model.hidden_size=32",
         "model.layers=1", "model.heads=2", "model.kv_heads=2", "model.context=24", "data.stage=sft",
-        "data.task=star-2-3", "data.view=edges", f"data.train={train_file}", f"data.valid={valid_file}",
+        "data.task=star-2-3", "data.view=edges", f"data.train={train_file},{short_file}", f"data.valid={valid_file}",
         "data.separator=<|sep|>", "data.seq_len=24", "optim.max_steps=4", "optim.batch_size=8", "run.eval_every=2",
         "run.eval_solve=16", "run.progress=false", "run.export_dtype=float32", f"run.out_dir={tmp_path / 'run'}",
         f"objective.kind={kind}"])
@@ -315,6 +316,7 @@ def test_star_edges_view_training_logs_solve_accuracy(tmp_path, kind):
     assert [r["step"] for r in records if "val_acc" in r] == [2, 4] and all(0 <= a <= 1 for a in accs)
     meta = json.loads((final / "dreamlm_task.json").read_text())
     assert meta["view"] == "edges" and meta["task"] == "star-2-3"
+    assert meta["star_shapes"] == [[2, 2], [2, 3]]  # the shapes of its training graphs
     solver = Solver(final)
     puzzles = [json.loads(line)["input"] for line in valid_file.read_text().splitlines()]
     solutions = solver.solve(puzzles)

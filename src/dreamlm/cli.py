@@ -308,11 +308,10 @@ def solve(
                 path = model or bundled_solver_dir(name, objective)
                 solvers[name] = Solver(path)
                 if model is None and path.name != f"{name}-{objective}":
-                    length = int(name.rsplit("-", 1)[1])  # only star graphs fall back to another model
-                    stretched = solvers[name].arm_length != length
+                    length = solvers[name].read_length(text)  # only star graphs fall back to another model
+                    stretched = length is not None and length != int(name.rsplit("-", 1)[1])
                     err.print(f"no bundled {name} model: using {path.name}"
-                              + (f" (arms stretched to {solvers[name].arm_length} nodes)" if stretched else ""),
-                              highlight=False)
+                              + (f" (arms stretched to {length} nodes)" if stretched else ""), highlight=False)
             solver = solvers[name]
             view = None
             if show and solver.kind == "diffusion":

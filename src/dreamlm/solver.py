@@ -46,31 +46,58 @@ def bundled_model_dir(name: str) -> Path:
     return Path(str(resources.files("dreamlm") / "assets" / name))
 
 
+def star_shapes(meta: dict) -> list[tuple[int, int]]:
+    """The star-graph shapes (d, l) a planning model was trained on: its task file's "star_shapes" (recorded from
+    the training data), else the shape in its task name ("star-5-5" → [(5, 5)]); [] for other tasks."""
+    if meta.get("star_shapes"):
+        return [(int(d), int(l)) for d, l in meta["star_shapes"]]
+    star = re.fullmatch(r"star-(\d+)-(\d+)", str(meta.get("task", "")))
+    return [(int(star[1]), int(star[2]))] if star else []
+
+
+def read_length(shapes: list[tuple[int, int]], degree: int, length: int) -> int | None:
+    """The arm length at which a model trained on `shapes` reads a G(degree, length): of the shapes (D, L) with
+    D >= degree and L >= length, the smallest degree, then the shortest arms; None when no shape covers it."""
+    fits = sorted((d, l) for d, l in shapes if d >= degree and l >= length)
+    return fits[0][1] if fits else None
+
+
 def bundled_solver_dir(task: str, kind: str = "diffusion") -> Path:
     """The bundled `kind` ("diffusion" or "ar") model for a task. A star graph G(d, l) without a model of its own
-    falls back to the bundled G(D, L) with D >= d and L >= l, the smallest degree first, then the shortest arms: the
-    solver stretches shorter arms to L (`stargraph.stretch`, which keeps the graph a star of that shape), while a
-    model reads fewer arms than it was trained on only when its training mixed degrees (the G(5, 5) models, trained
-    on G(2, 5), G(3, 5) and G(5, 5) together, read G(4, 5) as well). DreamError when there is none."""
+    goes to a bundled star model trained on some G(D, L) with D >= d and L >= l (the smallest such D, then L, then
+    the name): the solver stretches shorter arms to L (`stargraph.stretch`, which keeps the graph a star of that
+    shape), while a model reads fewer arms than it was trained on only when its training mixed degrees (the G(5, 5)
+    models, trained on G(2, 5), G(3, 5) and G(5, 5) together, read G(4, 5) as well). DreamError when none fits."""
     path = bundled_model_dir(f"{task}-{kind}")
     if (path / "config.json").is_file():
         return path
     star = re.fullmatch(r"star-(\d+)-(\d+)", task)
     if star:
         degree, length = int(star[1]), int(star[2])
-        bigger = sorted((int(m[1]), int(m[2])) for p in bundled_model_dir("x").parent.glob(f"star-*-{kind}")
-                        if (m := re.fullmatch(rf"star-(\d+)-(\d+)-{kind}", p.name)) and int(m[1]) >= degree
-                        and int(m[2]) >= length and (p / "config.json").is_file())
-        if bigger:
-            return bundled_model_dir("star-{}-{}-{}".format(*bigger[0], kind))
+        fits = []
+        for candidate in bundled_model_dir("x").parent.glob(f"star-*-{kind}"):
+            if not (candidate / "config.json").is_file():
+                continue
+            meta_file = candidate / TASK_FILE
+            meta = json.loads(meta_file.read_text()) if meta_file.is_file() else \
+                {"task": candidate.name.removesuffix(f"-{kind}")}
+            shapes = [s for s in star_shapes(meta) if s[0] >= degree and s[1] >= length]
+            if shapes:
+                fits.append((min(shapes), candidate.name))
+        if fits:
+            return bundled_model_dir(min(fits)[1])
     raise DreamError(f"no bundled model for {task} yet; train one (recipes/planning) and pass --model")
 
 
-def write_task_file(path: str | Path, task: str, seq_len: int, separator: str, command: str, view: str = "") -> None:
-    """Record which task a model solves, how it reads puzzles (`view`, see Task.model_view) and how it was trained."""
-    meta = {"task": task, "seq_len": seq_len, "separator": separator, "command": command}
+def write_task_file(path: str | Path, task: str, seq_len: int, separator: str, command: str, view: str = "",
+                    shapes: list[tuple[int, int]] | None = None) -> None:
+    """Record which task a model solves, how it reads puzzles (`view`, see Task.model_view), how it was trained
+    and, for star graphs, the shapes (d, l) of its training graphs."""
+    meta: dict[str, Any] = {"task": task, "seq_len": seq_len, "separator": separator, "command": command}
     if view:
         meta["view"] = view
+    if shapes:
+        meta["star_shapes"] = [list(s) for s in sorted(shapes)]
     (Path(path) / TASK_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -102,8 +129,7 @@ class Solver:
         self.seq_len = int(meta["seq_len"])
         self.separator = meta.get("separator", "")
         self.view = str(meta.get("view", ""))
-        star = re.fullmatch(r"star-\d+-(\d+)", self.task.name)
-        self.arm_length = int(star[1]) if star else None  # star graphs: the arm length the model was trained on
+        self.star_shapes = star_shapes(meta)
         try:
             self.task.check_view(self.view)
         except DreamError as err:
@@ -126,16 +152,26 @@ class Solver:
 
     def _view(self, puzzle: str) -> tuple[str, Callable[[str], str]]:
         """Check the puzzle as given (DreamError if malformed), then give it as the model reads it. A star graph
-        with shorter arms than the model's is first stretched to them (`stargraph.stretch`)."""
+        with shorter arms than the model reads is first stretched to them (`stargraph.stretch`)."""
         self.task.check_input(puzzle)
         unknown = set(puzzle) - set(self.task.alphabet)
         if unknown:
             raise DreamError(f"the puzzle has characters this task never uses: {''.join(sorted(unknown))!r}")
-        if self.arm_length is None:
+        length = self.read_length(puzzle)
+        if length is None:
             return self.task.model_view(puzzle, self.view)
-        stretched, splice = stargraph.stretch(puzzle, self.arm_length)
+        stretched, splice = stargraph.stretch(puzzle, length)
         text, back = self.task.model_view(stretched, self.view)
         return text, lambda answer: stargraph.unstretch(back(answer), splice)
+
+    def read_length(self, puzzle: str) -> int | None:
+        """For a star-graph model: the arm length it reads this puzzle at (`read_length` of its training shapes;
+        longer than the puzzle's when the solver stretches it). None for other models, or when no training shape
+        covers the puzzle (it is then read as given)."""
+        if not self.star_shapes:
+            return None
+        edges, centre, _ = stargraph.parse_input(puzzle)
+        return read_length(self.star_shapes, *stargraph.shape(edges, centre))
 
     def _encode(self, text: str) -> list[int]:
         ids = self.tok.encode(text + self.separator)

@@ -156,6 +156,22 @@ def view_of(cfg: TrainConfig):
     return lambda text_in, text_out: task.training_pair(text_in, text_out, view)
 
 
+def training_star_shapes(cfg: TrainConfig) -> list[tuple[int, int]]:
+    """The shapes (d, l) of the star graphs in a star-graph run's training files ([] for other tasks)."""
+    if not cfg.data.task.startswith("star-"):
+        return []
+    from dreamlm.tasks import stargraph
+
+    shapes = set()
+    for path in resolve_files(cfg.data.train):
+        with path.open(encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    edges, centre, _ = stargraph.parse_input(json.loads(line)["input"])
+                    shapes.add(stargraph.shape(edges, centre))
+    return sorted(shapes)
+
+
 def build_source(cfg: TrainConfig, tokenizer: DreamTokenizer, files: list[str], world: World, seed: int,
                  pad_token_id: int):
     """The batch source for a list of files (packed blocks or SFT examples)."""
@@ -330,7 +346,8 @@ class Trainer:
                 from dreamlm.solver import write_task_file
 
                 write_task_file(path, self.cfg.data.task, self.cfg.data.seq_len, self.cfg.data.separator,
-                                "dreamlm " + " ".join(sys.argv[1:]) if sys.argv else "", self.cfg.data.view)
+                                "dreamlm " + " ".join(sys.argv[1:]) if sys.argv else "", self.cfg.data.view,
+                                training_star_shapes(self.cfg))
         barrier(self.world)
         return path
 

@@ -124,3 +124,17 @@ def test_bench_star_grid_uses_the_pair_solve_path_picks(tmp_path):
     write_planning_report(report, tmp_path / "grid")
     assert "| G(2, 4) |" in (tmp_path / "grid" / "planning.md").read_text()
     assert json.loads((tmp_path / "grid" / "planning.json").read_text())["star_grid"]["star-2-4"]["models"]
+
+
+def test_star_diffusion_solver_pins_where_the_path_ends():
+    from dreamlm.tasks import make_examples
+
+    solver = Solver(ASSETS / "star-2-5-diffusion")
+    [example] = make_examples("star-2-4", 1, 4, "test")
+    assert solver.answer_tokens(example["input"]) == 2 * 5 - 1  # stretched to 5 nodes, one token each, 4 commas
+    start = len(solver.prompt_ids(example["input"]))
+    first = []
+    solver.solve([example["input"]], hook=lambda step, x, logits: first.append(x[0].tolist()) or x)
+    canvas, config = first[0], solver.model.config
+    assert canvas[start + 9] == config.eos_token_id and set(canvas[start + 10:]) == {config.pad_token_id}
+    assert set(canvas[start:start + 9]) == {config.mask_token_id}  # the path itself is left to the model

@@ -19,7 +19,7 @@ import torch
 
 from dreamlm.errors import DreamError
 from dreamlm.model import DreamModel
-from dreamlm.sampling import cut_at_eos, diffusion_generate
+from dreamlm.sampling import Constraints, cut_at_eos, diffusion_generate
 from dreamlm.sampling.autoregressive import ar_generate
 from dreamlm.tasks import get_task, stargraph
 
@@ -173,6 +173,16 @@ class Solver:
         edges, centre, _ = stargraph.parse_input(puzzle)
         return read_length(self.star_shapes, *stargraph.shape(edges, centre))
 
+    def answer_tokens(self, puzzle: str) -> int | None:
+        """For a star-graph model: how many tokens the answer path takes as the model writes it (the graph's shape
+        fixes the number of nodes), so that a diffusion solver can pin EOS right after it; None for other models."""
+        if not self.star_shapes:
+            return None
+        text = self._view(puzzle)[0]
+        edges, centre, goal = stargraph.parse_input(text.replace(">", ","))
+        nodes = self.read_length(puzzle) or stargraph.shape(edges, centre)[1]
+        return len(self.tok.encode(",".join([str(goal)] * nodes)))
+
     def _encode(self, text: str) -> list[int]:
         ids = self.tok.encode(text + self.separator)
         if len(ids) >= self.seq_len:
@@ -187,25 +197,34 @@ class Solver:
         small planning MDMs decode; `threshold=1.0` of the fast options). Dream's schedule commits two tokens at
         its last step, so the two hardest slots would be decided together, each blind to the other. `steps=N`
         decodes with Dream's schedule over N steps instead (the speed/quality knob); `fast` options pass through.
+        For star graphs the answer's length follows from the graph, so the diffusion solver pins EOS (and the PAD
+        tail) where the path ends, as the model saw them in training: it finds the path, not where to stop (an AR
+        model stops where it reaches the goal).
         """
         if steps is None and not fast:
             fast = {"threshold": 1.0}
         views = [self._view(p) for p in puzzles]
         prompts = [self._encode(v) for v, _ in views]
-        groups: dict[int, list[int]] = {}
+        ends = [self.answer_tokens(p) if self.kind == "diffusion" else None for p in puzzles]
+        groups: dict[tuple[int, int | None], list[int]] = {}
         for i, ids in enumerate(prompts):
-            groups.setdefault(len(ids), []).append(i)
+            groups.setdefault((len(ids), ends[i]), []).append(i)
         results: list[Solution | None] = [None] * len(puzzles)
-        for length, members in groups.items():
+        for (length, end), members in groups.items():
             batch = torch.tensor([prompts[i] for i in members])
             budget = self.seq_len - length
             start = time.perf_counter()
             if self.kind == "ar":
                 out, passes = ar_generate(self.model, batch, budget)
             else:
+                constraints = None
+                if end is not None and length + end < self.seq_len:
+                    tail = range(length + end + 1, self.seq_len)
+                    constraints = Constraints(pinned={length + end: self.model.config.eos_token_id,
+                                                      **dict.fromkeys(tail, self.model.config.pad_token_id)})
                 res = diffusion_generate(self.model, batch, max_new_tokens=budget, steps=steps or budget, alg=alg,
                                          temperature=0.0, return_dict_in_generate=True,
-                                         generation_tokens_hook_func=hook, **fast)
+                                         generation_tokens_hook_func=hook, constraints=constraints, **fast)
                 out, passes = res.sequences, res.forward_passes
             seconds = (time.perf_counter() - start) / len(members)
             for row, i in enumerate(members):

@@ -250,22 +250,24 @@ def test_recipes_are_valid_configs():
         cfg.validate()
         assert cfg.data.train and cfg.optim.max_steps >= 1
     # Every planning diffusion recipe has an AR twin: same model, data, steps and batch; only the objective (and
-    # its own learning rate) differ. A diffusion recipe that starts from the first AR steps (model.init_from, as
-    # Dream starts from Qwen2.5) names them in `init_steps`, and the two stages together take the AR twin's steps.
+    # its own learning rate) differ. A recipe that starts from earlier stages (model.init_from) lists their
+    # commands (`--max-steps N --out-dir DIR`, the last one its init), and all stages together take as many steps
+    # as all of its twin's.
+    def total_steps(recipe: Path, cfg: dict) -> int:
+        init_from = cfg["model"].pop("init_from")
+        stages = re.findall(r"--max-steps (\d+) --out-dir (\S+)", recipe.read_text())
+        if not init_from:
+            return cfg["optim"]["max_steps"]
+        assert stages and init_from == stages[-1][1] + "/final", recipe.name  # it says how its init was made
+        return cfg["optim"]["max_steps"] + sum(int(steps) for steps, _ in stages)
+
     pairs = 0
     for diff in sorted((root / "planning").glob("*-diffusion.toml")):
-        d = TrainConfig.load(diff).to_dict()
-        a = TrainConfig.load(diff.with_name(diff.name.replace("diffusion", "ar"))).to_dict()
+        twin = diff.with_name(diff.name.replace("diffusion", "ar"))
+        d, a = TrainConfig.load(diff).to_dict(), TrainConfig.load(twin).to_dict()
         assert d["objective"]["kind"] == "diffusion" and a["objective"]["kind"] == "ar"
-        init_from = d["model"].pop("init_from")
-        assert not a["model"].pop("init_from")
+        assert total_steps(diff, d) == total_steps(twin, a), diff.name
         assert d["model"] == a["model"] and d["data"] == a["data"], diff.name
-        init_steps = 0
-        if init_from:
-            match = re.search(r"--max-steps (\d+) --out-dir (\S+)", diff.read_text())
-            assert match and init_from == match[2] + "/final", diff.name  # the recipe says how its init was made
-            init_steps = int(match[1])
-        assert d["optim"]["max_steps"] + init_steps == a["optim"]["max_steps"], diff.name
         for key in ("batch_size", "grad_accum"):
             assert d["optim"][key] == a["optim"][key], (diff.name, key)
         pairs += 1

@@ -60,7 +60,9 @@ def score(solver: Solver, puzzles: list[str], batch: int = 64, **kwargs: Any) ->
     return Score(valid / len(puzzles), statistics.mean(passes), 1000 * seconds / len(puzzles), len(puzzles))
 
 
-STAR_GRID = tuple((d, l) for d in range(2, 6) for l in range(2, 6))  # star graphs G(d, l) the grid reports
+# Star graphs G(d, l) the grid reports: every d and l in 2..5, and longer arms up to the bundled G(5, 5) model's
+# largest training shapes (G(2, 11), G(3, 7), G(4, 6)).
+STAR_GRID = tuple((d, l) for d in range(2, 6) for l in range(2, 6)) + ((2, 8), (2, 11), (3, 7), (4, 6))
 
 
 def star_grid(n: int, shapes: tuple[tuple[int, int], ...] = STAR_GRID) -> dict[str, Any]:

@@ -381,7 +381,7 @@ app.add_typer(bench_app, name="bench")
 @bench_app.command("planning")
 def bench_planning(n: int = typer.Option(200, help="Held-out puzzles per task and split."),
                    out_dir: Path = typer.Option(Path("benchmarks/results"), "--out", help="Where to write tables."),
-                   star_grid: bool = typer.Option(True, help="Also star graphs G(d, l), d and l in 2..5, each "
+                   star_grid: bool = typer.Option(True, help="Also star graphs G(d, l) of many shapes, each "
                                                             "with the bundled pair `solve path` picks for it.")
                    ) -> None:
     """Diffusion vs AR on held-out splits: accuracy, forward passes, time; accuracy vs diffusion steps."""

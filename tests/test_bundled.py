@@ -132,6 +132,7 @@ def test_star_diffusion_solver_pins_where_the_path_ends():
     solver = Solver(ASSETS / "star-2-5-diffusion")
     [example] = make_examples("star-2-4", 1, 4, "test")
     assert solver.answer_tokens(example["input"]) == 2 * 5 - 1  # stretched to 5 nodes, one token each, 4 commas
+    assert solver.budget(example["input"]) == 9 and Solver(ASSETS / "star-2-5-ar").budget(example["input"]) > 9
     start = len(solver.prompt_ids(example["input"]))
     first = []
     solver.solve([example["input"]], hook=lambda step, x, logits: first.append(x[0].tolist()) or x)

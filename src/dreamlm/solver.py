@@ -218,11 +218,12 @@ class Solver:
                 out, passes = ar_generate(self.model, batch, budget)
             else:
                 constraints = None
-                if end is not None and length + end < self.seq_len:
+                if end is not None and end < budget:
                     tail = range(length + end + 1, self.seq_len)
                     constraints = Constraints(pinned={length + end: self.model.config.eos_token_id,
                                                       **dict.fromkeys(tail, self.model.config.pad_token_id)})
-                res = diffusion_generate(self.model, batch, max_new_tokens=budget, steps=steps or budget, alg=alg,
+                slots = end if constraints is not None else budget
+                res = diffusion_generate(self.model, batch, max_new_tokens=budget, steps=steps or slots, alg=alg,
                                          temperature=0.0, return_dict_in_generate=True,
                                          generation_tokens_hook_func=hook, constraints=constraints, **fast)
                 out, passes = res.sequences, res.forward_passes
@@ -233,8 +234,11 @@ class Solver:
         return [r for r in results if r is not None]
 
     def budget(self, puzzle: str) -> int:
-        """Canvas slots left for the answer of this puzzle."""
-        return self.seq_len - len(self.prompt_ids(puzzle))
+        """Canvas slots the model fills for this puzzle: those after the prompt, or for a star-graph diffusion
+        model the answer path's (the rest is pinned, see `solve`)."""
+        free = self.seq_len - len(self.prompt_ids(puzzle))
+        end = self.answer_tokens(puzzle) if self.kind == "diffusion" else None
+        return end if end is not None and end < free else free
 
     def decode(self, ids: list[int]) -> str:
         """Answer text: up to the first EOS, specials dropped."""

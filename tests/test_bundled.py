@@ -139,3 +139,11 @@ def test_star_diffusion_solver_pins_where_the_path_ends():
     canvas, config = first[0], solver.model.config
     assert canvas[start + 9] == config.eos_token_id and set(canvas[start + 10:]) == {config.pad_token_id}
     assert set(canvas[start:start + 9]) == {config.mask_token_id}  # the path itself is left to the model
+
+
+def test_star_with_arms_of_different_lengths_is_evened_out():
+    # planning.md's example, completed with a shorter arm: stretched to a proper G(2, 5), EOS pinned, mapped back.
+    solver = Solver(ASSETS / "star-2-5-diffusion")
+    for goal, path in ((58, "12,41,9,58"), (33, "12,7,33")):
+        [solution] = solver.solve([f"12,7|7,33|41,9|9,58|12,41/12,{goal}="])
+        assert solution.valid and solution.output == path

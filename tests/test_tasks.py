@@ -396,14 +396,15 @@ def test_star_relabel_round_trip():
 
 
 def test_star_stretch_splices_fresh_nodes_after_the_centre():
-    text, answer = PLANNING_STAR
+    text, answer = PLANNING_STAR  # arms of 2 and 3 nodes past the centre
     edges, centre, goal = stargraph.parse_input(text)
-    assert stargraph.shape(edges, centre) == (2, 3)
+    assert stargraph.arm_lengths(edges, centre) == {7: 2, 41: 3} and stargraph.shape(edges, centre) == (2, 4)
     longer, splice = stargraph.stretch(text, 5)
     assert longer == stargraph.stretch(text, 5)[0]  # seeded by the puzzle
     new_edges, new_centre, new_goal = stargraph.parse_input(longer)
     assert (new_centre, new_goal) == (centre, goal) and stargraph.shape(new_edges, centre) == (2, 5)
-    assert set(splice) == {7, 41} and all(len(fresh) == 2 for fresh in splice.values())
+    assert set(stargraph.arm_lengths(new_edges, centre).values()) == {4}  # every arm made as long: a proper G(2, 5)
+    assert [len(splice[7]), len(splice[41])] == [2, 1]
     assert set(edges) - {(12, 7), (12, 41)} <= set(new_edges)  # the other edges kept, written the same way
     spliced = [centre, *splice[41], 41, 9, 58]
     assert stargraph.is_valid_solution(longer, ",".join(map(str, spliced)))
@@ -412,11 +413,17 @@ def test_star_stretch_splices_fresh_nodes_after_the_centre():
     assert stargraph.unstretch(",".join(map(str, wrong)), splice) == ",".join(map(str, wrong))
     assert not stargraph.is_valid_solution(text, stargraph.unstretch(",".join(map(str, wrong)), splice))
     assert stargraph.unstretch("12,x", splice) == "12,x"
-    assert stargraph.stretch(text, 3) == (text, {}) and stargraph.stretch(text, 2) == (text, {})
+    assert stargraph.stretch(text, 4) != (text, {})  # equal arms of 4 nodes: the shorter arm gets one
+    assert stargraph.stretch(text, 3) == (text, {})  # an arm is already longer: unchanged
+    proper = "12,7|7,33|33,20|12,41|41,9|9,58/12,58="
+    assert stargraph.stretch(proper, 4) == (proper, {})  # already that shape
     # Edges written towards the centre stay that way round.
     inward, splice = stargraph.stretch("7,12|33,7|41,12|58,41/12,58=", 4)
     fresh = splice[41][0]
     assert (fresh, 12) in stargraph.parse_input(inward)[0] and (41, fresh) in stargraph.parse_input(inward)[0]
+    # Not a star: left alone.
+    assert stargraph.arm_lengths(*stargraph.parse_input("12,7|7,33|7,20|12,41/12,41=")[:2]) is None
+    assert stargraph.stretch("12,7|7,33|7,20|12,41/12,41=", 6) == ("12,7|7,33|7,20|12,41/12,41=", {})
 
 
 def test_star_edge_view_round_trip():

@@ -300,29 +300,38 @@ def solve(
         if not puzzles:
             raise DreamError("no puzzles to solve")
         solvers: dict[str, Solver] = {}
-        results = []
-        for text in puzzles:
+        loaded: dict[Path, Solver] = {}  # one model serves every shape it is picked for
+        results: list = [None] * len(puzzles)
+        batches: dict[str, list[int]] = {}  # without the live view: solved in batches, per task, after the loop
+        for index, text in enumerate(puzzles):
             name = resolve_task(kind, text)
             if name not in solvers:
                 objective = "ar" if ar else "diffusion"
-                path = model or bundled_solver_dir(name, objective)
-                solvers[name] = Solver(path)
+                path = Path(model or bundled_solver_dir(name, objective))
+                if path not in loaded:
+                    loaded[path] = Solver(path)
+                solvers[name] = loaded[path]
                 if model is None and path.name != f"{name}-{objective}":
                     length = solvers[name].read_length(text)  # only star graphs fall back to another model
                     stretched = length is not None and length != int(name.rsplit("-", 1)[1])
                     err.print(f"no bundled {name} model: using {path.name}"
                               + (f" (arms stretched to {length} nodes)" if stretched else ""), highlight=False)
             solver = solvers[name]
-            view = None
-            if show and solver.kind == "diffusion":
-                view = CanvasView(solver.tok, solver.model.config.mask_token_id, len(solver.prompt_ids(text)),
-                                  steps or solver.budget(text), delay=delay,
-                                  title=f"{name} · diffusion{solver.view_note}")
+            if not (show and solver.kind == "diffusion"):
+                solver.prompt_ids(text)  # a malformed puzzle fails here, before any solving
+                batches.setdefault(name, []).append(index)
+                continue
+            view = CanvasView(solver.tok, solver.model.config.mask_token_id, len(solver.prompt_ids(text)),
+                              steps or solver.budget(text), delay=delay, title=f"{name} · diffusion{solver.view_note}")
             try:
-                results += solver.solve([text], steps=steps, hook=view)
+                [results[index]] = solvers[name].solve([text], steps=steps, hook=view)
             finally:
-                if view is not None:
-                    view.close()
+                view.close()
+        for name, members in batches.items():
+            for start in range(0, len(members), 64):
+                chunk = members[start:start + 64]
+                for index, solution in zip(chunk, solvers[name].solve([puzzles[i] for i in chunk], steps=steps)):
+                    results[index] = solution
         if out_file is not None:
             out_file.write_text("".join(json.dumps({"input": r.input, "output": r.output, "valid": r.valid}) + "\n"
                                         for r in results))

@@ -174,14 +174,18 @@ class Solver:
         return read_length(self.star_shapes, *stargraph.shape(edges, centre))
 
     def answer_tokens(self, puzzle: str) -> int | None:
-        """For a star-graph model: how many tokens the answer path takes as the model writes it (the graph's shape
-        fixes the number of nodes), so that a diffusion solver can pin EOS right after it; None for other models."""
+        """For a star-graph model: how many tokens the answer path takes as the model writes it, so that a
+        diffusion solver can pin EOS right after it. Only when every arm, as the model reads it, has the same length
+        (then the shape fixes the path's length, whichever arm the goal is on); None otherwise, and for other
+        models."""
         if not self.star_shapes:
             return None
         text = self._view(puzzle)[0]
         edges, centre, goal = stargraph.parse_input(text.replace(">", ","))
-        nodes = self.read_length(puzzle) or stargraph.shape(edges, centre)[1]
-        return len(self.tok.encode(",".join([str(goal)] * nodes)))
+        arms = stargraph.arm_lengths(edges, centre)
+        if not arms or len(set(arms.values())) != 1:
+            return None
+        return len(self.tok.encode(",".join([str(goal)] * (max(arms.values()) + 1))))
 
     def _encode(self, text: str) -> list[int]:
         ids = self.tok.encode(text + self.separator)

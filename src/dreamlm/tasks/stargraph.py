@@ -147,9 +147,32 @@ def _reachable(adjacency: dict[int, set[int]], start: int, goal: int) -> bool:
     return False
 
 
+def arm_lengths(edges: list[Edge], centre: int) -> dict[int, int] | None:
+    """Nodes on each arm (by the centre's neighbour that starts it, centre excluded) when every arm is a simple
+    chain out of the centre; None when the graph is not such a star (a node of degree > 2 off the centre, a
+    cycle)."""
+    adjacency = _adjacency(edges)
+    lengths = {}
+    for start in sorted(adjacency[centre]):
+        previous, node, count = centre, start, 1
+        while len(adjacency[node]) == 2:
+            previous, node = node, next(n for n in adjacency[node] if n != previous)
+            count += 1
+            if node == centre or count > len(adjacency):
+                return None
+        if len(adjacency[node]) != 1:
+            return None
+        lengths[start] = count
+    return lengths
+
+
 def shape(edges: list[Edge], centre: int) -> tuple[int, int]:
-    """(degree, length) of a star graph: the centre's edges, and nodes per arm including the centre."""
+    """(degree, length) of a star graph: the centre's edges, and nodes on its longest arm including the centre
+    (for a graph that is not a star: nodes per arm on average)."""
     degree = sum(centre in edge for edge in edges)
+    arms = arm_lengths(edges, centre)
+    if arms:
+        return degree, max(arms.values()) + 1
     nodes = len({n for edge in edges for n in edge})
     return degree, (nodes - 1) // max(degree, 1) + 1
 
@@ -158,22 +181,25 @@ Splice = dict[int, tuple[int, ...]]  # a neighbour of the centre → the fresh n
 
 
 def stretch(text: str, length: int) -> tuple[str, Splice]:
-    """The puzzle with arms of `length` nodes: fresh nodes spliced in between the centre and each of its neighbours
-    (the same number on every arm, edges written the way the puzzle writes its centre's edge), the new edges put at
-    random places in the edge list. Seeded by the puzzle, so the same puzzle is always stretched the same way.
+    """The puzzle with every arm `length` nodes long (centre included): fresh nodes spliced in between the centre
+    and each of its neighbours, as many as that arm needs (edges written the way the puzzle writes its centre's
+    edge), the new edges put at random places in the edge list. Seeded by the puzzle, so the same puzzle is always
+    stretched the same way.
 
-    A G(d, l) becomes a G(d, length) whose answer is the old one with the spliced nodes after the centre, so a
-    model of longer arms reads it (`unstretch` maps its answer back); the path still has to be found. A puzzle
-    whose arms are already this long is returned unchanged with an empty splice.
+    A G(d, l) becomes a G(d, length) (a star with arms of several lengths becomes one with equal arms) whose answer
+    is the old one with the spliced nodes after the centre, so a model of longer arms reads it (`unstretch` maps its
+    answer back); which arm leads to the goal is no easier to see, and the path still has to be found. A puzzle
+    that is not a star, or has an arm longer than that, is returned unchanged with an empty splice.
     """
     edges, centre, goal = parse_input(text)
-    extra = length - shape(edges, centre)[1]
-    if extra <= 0:
+    arms = arm_lengths(edges, centre)
+    if not arms or max(arms.values()) + 1 > length or set(arms.values()) == {length - 1}:
         return text, {}
     rng = random.Random(f"stretch/{text.strip()}")
     nodes = {n for edge in edges for n in edge}
-    pool = [n for n in names_for(len(nodes) + extra * len(edges)) if n not in nodes]
-    fresh = iter(rng.sample(pool, extra * sum(centre in edge for edge in edges)))
+    count = sum(length - 1 - arm for arm in arms.values())
+    pool = [n for n in names_for(len(nodes) + count) if n not in nodes]
+    fresh = iter(rng.sample(pool, count))
     kept: list[Edge] = []
     splice: Splice = {}
     for a, b in edges:
@@ -181,7 +207,7 @@ def stretch(text: str, length: int) -> tuple[str, Splice]:
             kept.append((a, b))
             continue
         neighbour = b if a == centre else a
-        splice[neighbour] = tuple(next(fresh) for _ in range(extra))
+        splice[neighbour] = tuple(next(fresh) for _ in range(length - 1 - arms[neighbour]))
         chain = [centre, *splice[neighbour], neighbour]
         kept.extend(zip(chain, chain[1:]) if a == centre else ((y, x) for x, y in zip(chain, chain[1:])))
     rng.shuffle(kept)

@@ -324,7 +324,7 @@ def solve(
             view = CanvasView(solver.tok, solver.model.config.mask_token_id, len(solver.prompt_ids(text)),
                               steps or solver.budget(text), delay=delay, title=f"{name} · diffusion{solver.view_note}")
             try:
-                [results[index]] = solvers[name].solve([text], steps=steps, hook=view)
+                [results[index]] = solver.solve([text], steps=steps, hook=view)
             finally:
                 view.close()
         for name, members in batches.items():

@@ -168,6 +168,37 @@ def test_init_from_grows_the_rotary_window_only_to_model_context(tmp_path, puzzl
     assert same.config.max_position_embeddings == 10  # the data fits: the window is left as it was
 
 
+def test_init_from_grows_the_vocabulary_keeping_trained_rows(tmp_path):
+    from dreamlm.tasks import write_dataset
+
+    train_file = write_dataset("star-2-3", 32, 0, "train", tmp_path / "train.jsonl")
+    base = ["model.char_alphabet=0123456789,|/=>", "model.hidden_size=32", "model.layers=1", "model.heads=2",
+            "model.kv_heads=2", "model.context=24", "data.stage=sft", "data.task=star-2-3", "data.view=edges",
+            f"data.train={train_file}", "data.separator=<|sep|>", "data.seq_len=24", "optim.max_steps=2",
+            "optim.batch_size=8", "run.progress=false", "run.export_dtype=float32", "model.compose_words=true"]
+    small = train(TrainConfig.load(None, [*base, "model.char_words=10..14,10..14>10..14",
+                                          f"run.out_dir={tmp_path / 's'}"]))
+    old = DreamModel.from_pretrained(small)
+    grown = {}
+    for compose in ("true", "false"):
+        cfg = TrainConfig.load(None, [*base, "model.char_words=10..16,10..16>10..16", f"model.init_from={small}",
+                                      f"model.compose_words={compose}", "optim.max_steps=1", "optim.lr=1e-9",
+                                      f"run.out_dir={tmp_path / compose}"])
+        grown[compose] = DreamModel.from_pretrained(train(cfg))
+    new_tok = grown["true"].tokenizer
+    assert new_tok.vocab_size == old.tokenizer.vocab_size + 2 + (7 * 6 - 5 * 4)  # 2 names and 22 edges more
+    for word in ("12>14", "10", ">", "<|mask|>"):  # shared tokens keep their rows (ids moved) ...
+        i, j = new_tok.token_to_id(word), old.tokenizer.token_to_id(word)
+        for attr in ("model.embed_tokens.weight", "lm_head.weight"):
+            a, b = grown["false"].get_parameter(attr)[i], old.get_parameter(attr)[j]
+            assert torch.allclose(a, b, atol=1e-4), (word, attr)
+    new_edge = new_tok.token_to_id("15>16")  # ... new compound words are composed only when asked
+    assert not torch.allclose(grown["true"].model.embed_tokens.weight[new_edge],
+                              grown["false"].model.embed_tokens.weight[new_edge])
+    assert torch.allclose(grown["true"].model.embed_tokens.weight[new_tok.token_to_id("12>14")],
+                          grown["false"].model.embed_tokens.weight[new_tok.token_to_id("12>14")], atol=1e-4)
+
+
 def test_tie_embeddings_shares_one_matrix(tmp_path, puzzle_file):
     model = DreamModel.from_pretrained(train(sft_cfg(puzzle_file, tmp_path / "tied", "model.tie_embeddings=true")))
     assert model.config.tie_word_embeddings

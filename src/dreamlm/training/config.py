@@ -11,7 +11,9 @@ Sections and keys (all optional except data.train):
              init of every weight matrix; 0.02 as HF Qwen2, larger helps narrow models leave the first plateau),
              compose_words (a char_words token made of other tokens, e.g. the edge `12>15`, starts as the sum of each
              part's own embedding turned by a fixed random rotation per position, so every edge into 15 shares
-             a direction from the first step; fresh init only, ignored with init_from)
+             a direction from the first step; a fresh init's words, or with init_from the words its
+             checkpoint lacks). With init_from, a char tokenizer that differs from the checkpoint's (e.g.
+             char_words grown) keeps every shared token's trained rows and starts the new ones fresh
 [data]       stage ("pretrain": packed text/JSONL "text"; "sft": JSONL prompt/response, input/output or messages),
              train (list of files), valid (list of files), seq_len, chat (apply the chat template to prompts),
              separator (text appended to each prompt, e.g. "<|sep|>"), random_truncation (cut each SFT batch's

@@ -79,6 +79,8 @@ def build_model(cfg: TrainConfig, tokenizer: DreamTokenizer) -> DreamModel:
     if cfg.model.init_from:
         model = DreamModel.from_pretrained(cfg.model.init_from, dtype=torch.float32, causal=causal)
         model.config.causal = causal
+        if model.tokenizer is not None:
+            adapt_vocabulary(model, model.tokenizer, tokenizer, cfg)
     else:
         m = cfg.model
         eos = tokenizer.eos_token_id
@@ -115,12 +117,51 @@ def build_model(cfg: TrainConfig, tokenizer: DreamTokenizer) -> DreamModel:
     return model
 
 
-def compose_word_embeddings(model: DreamModel, tokenizer: DreamTokenizer, seed: int) -> int:
+def adapt_vocabulary(model: DreamModel, old: DreamTokenizer, new: DreamTokenizer, cfg: TrainConfig) -> int:
+    """Give an init_from model the rows of the run's tokenizer when its own differs (e.g. char_words grown from
+    "10..30" to "10..50"): every token both know keeps its trained input-embedding and output-head rows (matched by
+    text, wherever its id moved); a new one starts random (std model.init_std), and with model.compose_words a new
+    compound word starts as the composition of its parts. Returns how many tokens are new; DreamError if a special
+    token (mask, pad, EOS, BOS) would change its id."""
+    old_ids = {old.id_to_token(i): i for i in range(old.vocab_size)}
+    if old.vocab_size == new.vocab_size and all(old_ids.get(new.id_to_token(i)) == i for i in range(new.vocab_size)):
+        return 0
+    config = model.config
+    for name in ("mask_token_id", "pad_token_id", "eos_token_id", "bos_token_id"):
+        token_id = getattr(config, name)
+        if token_id is not None and old.id_to_token(token_id) != new.id_to_token(token_id):
+            raise DreamError(f"model.init_from: the run's tokenizer moves {name} ({old.id_to_token(token_id)!r} at "
+                             f"{token_id}); it can only add or reorder ordinary tokens")
+    size, width = ((new.vocab_size + 7) // 8) * 8, config.hidden_size
+    gen = torch.Generator().manual_seed(cfg.run.seed)
+    embed = torch.randn(size, width, generator=gen) * cfg.model.init_std
+    head = torch.randn(size, width, generator=gen) * cfg.model.init_std
+    fresh = []
+    with torch.no_grad():
+        for token_id in range(new.vocab_size):
+            source = old_ids.get(new.id_to_token(token_id))
+            if source is None:
+                fresh.append(token_id)
+                continue
+            embed[token_id] = model.model.embed_tokens.weight[source]
+            head[token_id] = model.lm_head.weight[source]
+    model.model.embed_tokens = torch.nn.Embedding(size, width, _weight=embed)
+    model.lm_head = torch.nn.Linear(width, size, bias=False)
+    model.lm_head.weight = model.model.embed_tokens.weight if config.tie_word_embeddings else torch.nn.Parameter(head)
+    config.vocab_size = size
+    if cfg.model.compose_words:
+        compose_word_embeddings(model, new, cfg.run.seed, only=set(fresh))
+    return len(fresh)
+
+
+def compose_word_embeddings(model: DreamModel, tokenizer: DreamTokenizer, seed: int,
+                            only: set[int] | None = None) -> int:
     """Re-initialise the input embedding of every compound word token (digits and single separators, e.g. the edge
     `12>15` → parts `12`, `>`, `15`) as Σ_i R_i·e(part_i)/√k: each part's own token embedding turned by a fixed
     random rotation R_i per position, so `a>b` and `b>a` differ while every edge into 15 carries the same R_2·e(15)
-    — one linear map finds an edge by either end, for all names at once. Returns how many rows it set. The table
-    stays a plain embedding (the checkpoint format is unchanged)."""
+    — one linear map finds an edge by either end, for all names at once. Returns how many rows it set (`only`:
+    just these ids, e.g. the new tokens of a grown vocabulary). The table stays a plain embedding (the checkpoint
+    format is unchanged)."""
     gen = torch.Generator().manual_seed(seed + 1)
     table = model.model.embed_tokens.weight
     width = table.shape[1]
@@ -133,7 +174,7 @@ def compose_word_embeddings(model: DreamModel, tokenizer: DreamTokenizer, seed: 
             word = tokenizer.id_to_token(token_id) or ""
             parts = re.findall(r"\d+|\D", word)
             ids = [tokenizer.token_to_id(part) for part in parts]
-            if word in specials or len(parts) < 2 or None in ids:
+            if word in specials or len(parts) < 2 or None in ids or (only is not None and token_id not in only):
                 continue
             row = torch.zeros(width)
             for i, part_id in enumerate(ids):

@@ -414,7 +414,7 @@ def test_star_stretch_splices_fresh_nodes_after_the_centre():
     assert not stargraph.is_valid_solution(text, stargraph.unstretch(",".join(map(str, wrong)), splice))
     assert stargraph.unstretch("12,x", splice) == "12,x"
     assert stargraph.stretch(text, 4) != (text, {})  # equal arms of 4 nodes: the shorter arm gets one
-    assert stargraph.stretch(text, 3) == (text, {})  # an arm is already longer: unchanged
+    assert stargraph.stretch(text, 3) == (text, None)  # an arm is already longer: unchanged, arms not all 3
     proper = "12,7|7,33|33,20|12,41|41,9|9,58/12,58="
     assert stargraph.stretch(proper, 4) == (proper, {})  # already that shape
     # Edges written towards the centre stay that way round.
@@ -423,7 +423,8 @@ def test_star_stretch_splices_fresh_nodes_after_the_centre():
     assert (fresh, 12) in stargraph.parse_input(inward)[0] and (41, fresh) in stargraph.parse_input(inward)[0]
     # Not a star: left alone.
     assert stargraph.arm_lengths(*stargraph.parse_input("12,7|7,33|7,20|12,41/12,41=")[:2]) is None
-    assert stargraph.stretch("12,7|7,33|7,20|12,41/12,41=", 6) == ("12,7|7,33|7,20|12,41/12,41=", {})
+    assert stargraph.stretch("12,7|7,33|7,20|12,41/12,41=", 6) == ("12,7|7,33|7,20|12,41/12,41=", None)
+    assert stargraph.unstretch("12,7", None) == "12,7"
 
 
 def test_star_edge_view_round_trip():

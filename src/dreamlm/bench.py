@@ -81,8 +81,9 @@ def star_grid(n: int, shapes: tuple[tuple[int, int], ...] = STAR_GRID) -> dict[s
         puzzles = [e["input"] for e in make_examples(name, n, TEST_SEED, "test")]
         entry: dict[str, Any] = {"models": {kind: path.name for kind, path in paths.items()}}
         for kind, path in paths.items():
-            solver = solvers.setdefault(path, Solver(path))
-            entry[kind] = vars(score(solver, puzzles))
+            if path not in solvers:  # one load per model, whatever shapes it serves
+                solvers[path] = Solver(path)
+            entry[kind] = vars(score(solvers[path], puzzles))
         grid[name] = entry
     return grid
 

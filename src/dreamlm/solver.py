@@ -150,19 +150,25 @@ class Solver:
         part."""
         return self._encode(self._view(puzzle)[0])
 
-    def _view(self, puzzle: str) -> tuple[str, Callable[[str], str]]:
-        """Check the puzzle as given (DreamError if malformed), then give it as the model reads it. A star graph
-        with shorter arms than the model reads is first stretched to them (`stargraph.stretch`)."""
+    def _view(self, puzzle: str) -> tuple[str, Callable[[str], str], int | None]:
+        """Check the puzzle as given (DreamError if malformed), then give it as the model reads it, the map of an
+        answer back, and how many tokens the answer takes when the puzzle fixes that (else None). A star graph with
+        shorter arms than the model reads is first stretched to them (`stargraph.stretch`); once every arm has one
+        length, the path's length is known whichever arm the goal is on."""
         self.task.check_input(puzzle)
         unknown = set(puzzle) - set(self.task.alphabet)
         if unknown:
             raise DreamError(f"the puzzle has characters this task never uses: {''.join(sorted(unknown))!r}")
         length = self.read_length(puzzle)
         if length is None:
-            return self.task.model_view(puzzle, self.view)
+            return *self.task.model_view(puzzle, self.view), None
         stretched, splice = stargraph.stretch(puzzle, length)
         text, back = self.task.model_view(stretched, self.view)
-        return text, lambda answer: stargraph.unstretch(back(answer), splice)
+        answer_tokens = None
+        if splice is not None:  # every arm is `length` nodes: so is the path (`a,b,...` in the view's names)
+            goal = text.rstrip().removesuffix("=").rsplit(",", 1)[1]
+            answer_tokens = len(self.tok.encode(",".join([goal] * length)))
+        return text, lambda answer: stargraph.unstretch(back(answer), splice), answer_tokens
 
     def read_length(self, puzzle: str) -> int | None:
         """For a star-graph model: the arm length it reads this puzzle at (`read_length` of its training shapes;
@@ -175,17 +181,8 @@ class Solver:
 
     def answer_tokens(self, puzzle: str) -> int | None:
         """For a star-graph model: how many tokens the answer path takes as the model writes it, so that a
-        diffusion solver can pin EOS right after it. Only when every arm, as the model reads it, has the same length
-        (then the shape fixes the path's length, whichever arm the goal is on); None otherwise, and for other
-        models."""
-        if not self.star_shapes:
-            return None
-        text = self._view(puzzle)[0]
-        edges, centre, goal = stargraph.parse_input(text.replace(">", ","))
-        arms = stargraph.arm_lengths(edges, centre)
-        if not arms or len(set(arms.values())) != 1:
-            return None
-        return len(self.tok.encode(",".join([str(goal)] * (max(arms.values()) + 1))))
+        diffusion solver can pin EOS right after it; None when the puzzle does not fix it, and for other models."""
+        return self._view(puzzle)[2]
 
     def _encode(self, text: str) -> list[int]:
         ids = self.tok.encode(text + self.separator)
@@ -208,11 +205,10 @@ class Solver:
         if steps is None and not fast:
             fast = {"threshold": 1.0}
         views = [self._view(p) for p in puzzles]
-        prompts = [self._encode(v) for v, _ in views]
-        ends = [self.answer_tokens(p) if self.kind == "diffusion" else None for p in puzzles]
+        prompts = [self._encode(text) for text, _, _ in views]
         groups: dict[tuple[int, int | None], list[int]] = {}
         for i, ids in enumerate(prompts):
-            groups.setdefault((len(ids), ends[i]), []).append(i)
+            groups.setdefault((len(ids), views[i][2] if self.kind == "diffusion" else None), []).append(i)
         results: list[Solution | None] = [None] * len(puzzles)
         for (length, end), members in groups.items():
             batch = torch.tensor([prompts[i] for i in members])
@@ -240,9 +236,9 @@ class Solver:
     def budget(self, puzzle: str) -> int:
         """Canvas slots the model fills for this puzzle: those after the prompt, or for a star-graph diffusion
         model the answer path's (the rest is pinned, see `solve`)."""
-        free = self.seq_len - len(self.prompt_ids(puzzle))
-        end = self.answer_tokens(puzzle) if self.kind == "diffusion" else None
-        return end if end is not None and end < free else free
+        text, _, end = self._view(puzzle)
+        free = self.seq_len - len(self._encode(text))
+        return end if self.kind == "diffusion" and end is not None and end < free else free
 
     def decode(self, ids: list[int]) -> str:
         """Answer text: up to the first EOS, specials dropped."""

@@ -180,7 +180,7 @@ def shape(edges: list[Edge], centre: int) -> tuple[int, int]:
 Splice = dict[int, tuple[int, ...]]  # a neighbour of the centre → the fresh nodes spliced in before it
 
 
-def stretch(text: str, length: int) -> tuple[str, Splice]:
+def stretch(text: str, length: int) -> tuple[str, Splice | None]:
     """The puzzle with every arm `length` nodes long (centre included): fresh nodes spliced in between the centre
     and each of its neighbours, as many as that arm needs (edges written the way the puzzle writes its centre's
     edge), the new edges put at random places in the edge list. Seeded by the puzzle, so the same puzzle is always
@@ -189,11 +189,14 @@ def stretch(text: str, length: int) -> tuple[str, Splice]:
     A G(d, l) becomes a G(d, length) (a star with arms of several lengths becomes one with equal arms) whose answer
     is the old one with the spliced nodes after the centre, so a model of longer arms reads it (`unstretch` maps its
     answer back); which arm leads to the goal is no easier to see, and the path still has to be found. A puzzle
-    that is not a star, or has an arm longer than that, is returned unchanged with an empty splice.
+    already of that shape comes back unchanged with an empty splice; one that is not a star, or has a longer arm,
+    comes back unchanged with None (its arms are not all `length` nodes).
     """
     edges, centre, goal = parse_input(text)
     arms = arm_lengths(edges, centre)
-    if not arms or max(arms.values()) + 1 > length or set(arms.values()) == {length - 1}:
+    if not arms or max(arms.values()) + 1 > length:
+        return text, None
+    if set(arms.values()) == {length - 1}:
         return text, {}
     rng = random.Random(f"stretch/{text.strip()}")
     nodes = {n for edge in edges for n in edge}
@@ -214,7 +217,7 @@ def stretch(text: str, length: int) -> tuple[str, Splice]:
     return format_input(kept, centre, goal), splice
 
 
-def unstretch(answer: str, splice: Splice) -> str:
+def unstretch(answer: str, splice: Splice | None) -> str:
     """An answer to a stretched puzzle in the original's terms: the spliced nodes right after the centre are
     dropped when they are exactly those spliced before the next node; anything else is left as written (names that
     are not in the original graph make such an answer invalid there)."""

@@ -88,11 +88,26 @@ def test_shorter_star_graphs_are_stretched_for_a_longer_armed_model(shape):
     examples = make_examples(shape, 20, 2, "test")
     solver = Solver(bundled_solver_dir(shape))
     read_at = {"star-2-8": 11, "star-3-6": 7, "star-4-3": 6}.get(shape, 5)  # the smallest covering training shape
-    assert {solver.read_length(e["input"]) for e in examples} == {read_at}
+    assert {solver.read_shape(e["input"])[1] for e in examples} == {read_at}
     solutions = solver.solve([e["input"] for e in examples])
     assert sum(s.valid for s in solutions) >= 18
     for example, solution in zip(examples, solutions):  # answered in the puzzle's own graph, spliced nodes gone
         assert len(solution.output.split(",")) == int(shape.rsplit("-", 1)[1]) or not solution.valid
+
+
+@pytest.mark.skipif("star-5-5-diffusion" not in PLANNING, reason="no bundled G(5, 5) solver")
+def test_a_bare_path_gets_a_decoy_arm():
+    # G(1, l): no model is trained on one arm; the solver adds a decoy arm of fresh nodes (and stretches the arms).
+    from dreamlm.solver import bundled_solver_dir
+    from dreamlm.tasks import make_examples
+
+    examples = make_examples("star-1-8", 10, 3, "test")
+    solver = Solver(bundled_solver_dir("star-1-8"))
+    assert {solver.read_shape(e["input"]) for e in examples} == {(2, 11)}
+    assert solver.reading_note(examples[0]["input"]) == " (arms stretched to 11 nodes, 1 decoy arm added)"
+    solutions = solver.solve([e["input"] for e in examples])
+    assert sum(s.valid for s in solutions) >= 9
+    assert all(s.output == e["output"] for s, e in zip(solutions, examples) if s.valid)
 
 
 def test_solve_path_says_when_it_stretches_the_arms():

@@ -134,13 +134,14 @@ def test_default_decoding_is_one_token_per_step_most_confident_first(sudoku_dirs
     assert "threshold" not in seen[-1] and seen[-1]["steps"] == 5
 
 
-def test_read_length_picks_the_smallest_covering_shape():
-    from dreamlm.solver import read_length, star_shapes
+def test_read_shape_picks_the_smallest_covering_shape():
+    from dreamlm.solver import read_shape, star_shapes
 
     shapes = [(2, 5), (2, 11), (3, 7), (4, 6), (5, 5)]
-    queries = ((2, 5), (2, 8), (3, 6), (4, 4), (1, 3), (5, 2))
-    assert [read_length(shapes, d, l) for d, l in queries] == [5, 11, 7, 6, 5, 5]
-    assert read_length(shapes, 5, 6) is None and read_length(shapes, 6, 2) is None
+    queries = ((2, 5), (2, 8), (3, 6), (4, 4), (1, 3), (5, 2), (1, 9))
+    assert [read_shape(shapes, d, l) for d, l in queries] == [(2, 5), (2, 11), (3, 7), (4, 6), (2, 5), (5, 5),
+                                                               (2, 11)]
+    assert read_shape(shapes, 5, 6) is None and read_shape(shapes, 6, 2) is None
     assert star_shapes({"task": "star-3-5"}) == [(3, 5)] and star_shapes({"task": "cd3"}) == []
     assert star_shapes({"task": "star-5-5", "star_shapes": [[2, 11], [5, 5]]}) == [(2, 11), (5, 5)]
 

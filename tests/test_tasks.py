@@ -427,6 +427,28 @@ def test_star_stretch_splices_fresh_nodes_after_the_centre():
     assert stargraph.unstretch("12,7", None) == "12,7"
 
 
+def test_star_stretch_adds_decoy_arms_up_to_a_degree():
+    text = "12,7|7,33|33,58/12,58="  # G(1, 4): a bare path
+    wide, splice = stargraph.stretch(text, 5, degree=3)
+    assert wide == stargraph.stretch(text, 5, degree=3)[0]  # seeded by the puzzle
+    edges, centre, goal = stargraph.parse_input(wide)
+    assert (centre, goal) == (12, 58) and stargraph.shape(edges, centre) == (3, 5)
+    assert sorted(stargraph.arm_lengths(edges, centre).values()) == [4, 4, 4]
+    assert len({n for e in edges for n in e}) == 13 and all(a in {12} | {b for _, b in edges} for a, _ in edges)
+    answer = [12, *splice[7], 7, 33, 58]  # the goal's arm stretched; the decoys are not in the splice
+    assert list(splice) == [7] and stargraph.solve(wide) == answer
+    assert stargraph.unstretch(",".join(map(str, answer)), splice) == "12,7,33,58"
+    assert stargraph.is_valid_solution(text, stargraph.unstretch(",".join(map(str, answer)), splice))
+    decoy = next(n for n in stargraph.arm_lengths(edges, centre) if n != splice[7][0])
+    assert not stargraph.is_valid_solution(text, stargraph.unstretch(f"12,{decoy}", splice))
+    # Already enough arms: the degree asks for nothing; written inward, the decoys are too.
+    proper = "12,7|7,33|12,41|41,9/12,9="
+    assert stargraph.stretch(proper, 3, degree=2) == (proper, {})
+    inward, _ = stargraph.stretch("7,12|33,7/12,33=", 3, degree=2)
+    assert all(b == 12 or b in {a for a, _ in stargraph.parse_input(inward)[0]} for _, b in
+               stargraph.parse_input(inward)[0]) and len(stargraph.parse_input(inward)[0]) == 4
+
+
 def test_star_edge_view_round_trip():
     # Any names (one- and three-digit here) become 10..9+n, each edge one `a>b` word; answers map back and forth.
     text = "12,7|7,333|41,9|9,58|12,41/12,58="

@@ -312,10 +312,8 @@ def solve(
                     loaded[path] = Solver(path)
                 solvers[name] = loaded[path]
                 if model is None and path.name != f"{name}-{objective}":
-                    length = solvers[name].read_length(text)  # only star graphs fall back to another model
-                    stretched = length is not None and length != int(name.rsplit("-", 1)[1])
-                    err.print(f"no bundled {name} model: using {path.name}"
-                              + (f" (arms stretched to {length} nodes)" if stretched else ""), highlight=False)
+                    err.print(f"no bundled {name} model: using {path.name}{solvers[name].reading_note(text)}",
+                              highlight=False)
             solver = solvers[name]
             if not (show and solver.kind == "diffusion"):
                 solver.prompt_ids(text)  # a malformed puzzle fails here, before any solving

@@ -55,19 +55,19 @@ def star_shapes(meta: dict) -> list[tuple[int, int]]:
     return [(int(star[1]), int(star[2]))] if star else []
 
 
-def read_length(shapes: list[tuple[int, int]], degree: int, length: int) -> int | None:
-    """The arm length at which a model trained on `shapes` reads a G(degree, length): of the shapes (D, L) with
-    D >= degree and L >= length, the smallest degree, then the shortest arms; None when no shape covers it."""
+def read_shape(shapes: list[tuple[int, int]], degree: int, length: int) -> tuple[int, int] | None:
+    """The shape (D, L) at which a model trained on `shapes` reads a G(degree, length): of the shapes with
+    D >= degree and L >= length, the smallest degree, then the shortest arms; None when no shape covers it. The
+    solver stretches the arms to L and, when D > degree, adds decoy arms up to D (`stargraph.stretch`)."""
     fits = sorted((d, l) for d, l in shapes if d >= degree and l >= length)
-    return fits[0][1] if fits else None
+    return fits[0] if fits else None
 
 
 def bundled_solver_dir(task: str, kind: str = "diffusion") -> Path:
     """The bundled `kind` ("diffusion" or "ar") model for a task. A star graph G(d, l) without a model of its own
     goes to a bundled star model trained on some G(D, L) with D >= d and L >= l (the smallest such D, then L, then
     the name): the solver stretches shorter arms to L (`stargraph.stretch`, which keeps the graph a star of that
-    shape), while a model reads fewer arms than it was trained on only when its training mixed degrees (the G(5, 5)
-    models, trained on G(2, 5), G(3, 5) and G(5, 5) together, read G(4, 5) as well). DreamError when none fits."""
+    shape) and, when D > d, adds decoy arms of fresh nodes up to D. DreamError when none fits."""
     path = bundled_model_dir(f"{task}-{kind}")
     if (path / "config.json").is_file():
         return path
@@ -153,31 +153,46 @@ class Solver:
     def _view(self, puzzle: str) -> tuple[str, Callable[[str], str], int | None]:
         """Check the puzzle as given (DreamError if malformed), then give it as the model reads it, the map of an
         answer back, and how many tokens the answer takes when the puzzle fixes that (else None). A star graph with
-        shorter arms than the model reads is first stretched to them (`stargraph.stretch`); once every arm has one
-        length, the path's length is known whichever arm the goal is on."""
+        shorter arms than the model reads is first stretched to them, and one with fewer arms than any it was trained
+        on gets decoy arms (`stargraph.stretch`); once every arm has one length, the path's length is known
+        whichever arm the goal is on."""
         self.task.check_input(puzzle)
         unknown = set(puzzle) - set(self.task.alphabet)
         if unknown:
             raise DreamError(f"the puzzle has characters this task never uses: {''.join(sorted(unknown))!r}")
-        length = self.read_length(puzzle)
-        if length is None:
+        shape = self.read_shape(puzzle)
+        if shape is None:
             return *self.task.model_view(puzzle, self.view), None
-        stretched, splice = stargraph.stretch(puzzle, length)
+        stretched, splice = stargraph.stretch(puzzle, shape[1], shape[0])
         text, back = self.task.model_view(stretched, self.view)
         answer_tokens = None
         if splice is not None:  # every arm is `length` nodes: so is the path (`a,b,...` in the view's names)
             goal = text.rstrip().removesuffix("=").rsplit(",", 1)[1]
-            answer_tokens = len(self.tok.encode(",".join([goal] * length)))
+            answer_tokens = len(self.tok.encode(",".join([goal] * shape[1])))
         return text, lambda answer: stargraph.unstretch(back(answer), splice), answer_tokens
 
-    def read_length(self, puzzle: str) -> int | None:
-        """For a star-graph model: the arm length it reads this puzzle at (`read_length` of its training shapes;
-        longer than the puzzle's when the solver stretches it). None for other models, or when no training shape
-        covers the puzzle (it is then read as given)."""
+    def read_shape(self, puzzle: str) -> tuple[int, int] | None:
+        """For a star-graph model: the shape (degree, arm length) it reads this puzzle at (`read_shape` of its
+        training shapes; more arms or longer ones than the puzzle's when the solver stretches it). None for other
+        models, or when no training shape covers the puzzle (it is then read as given)."""
         if not self.star_shapes:
             return None
         edges, centre, _ = stargraph.parse_input(puzzle)
-        return read_length(self.star_shapes, *stargraph.shape(edges, centre))
+        return read_shape(self.star_shapes, *stargraph.shape(edges, centre))
+
+    def reading_note(self, puzzle: str) -> str:
+        """How a star-graph model reads a puzzle of another shape, for messages: " (arms stretched to 11 nodes, 1
+        decoy arm added)"; "" when it reads the puzzle as given."""
+        shape = self.read_shape(puzzle)
+        if shape is None:
+            return ""
+        edges, centre, _ = stargraph.parse_input(puzzle)
+        (degree, length), (to_degree, to_length) = stargraph.shape(edges, centre), shape
+        parts = [f"arms stretched to {to_length} nodes"] if to_length != length else []
+        if to_degree > degree:
+            extra = to_degree - degree
+            parts.append(f"{extra} decoy arm{'s' if extra > 1 else ''} added")
+        return f" ({', '.join(parts)})" if parts else ""
 
     def answer_tokens(self, puzzle: str) -> int | None:
         """For a star-graph model: how many tokens the answer path takes as the model writes it, so that a

@@ -180,29 +180,37 @@ def shape(edges: list[Edge], centre: int) -> tuple[int, int]:
 Splice = dict[int, tuple[int, ...]]  # a neighbour of the centre → the fresh nodes spliced in before it
 
 
-def stretch(text: str, length: int) -> tuple[str, Splice | None]:
-    """The puzzle with every arm `length` nodes long (centre included): fresh nodes spliced in between the centre
-    and each of its neighbours, as many as that arm needs (edges written the way the puzzle writes its centre's
-    edge), the new edges put at random places in the edge list. Seeded by the puzzle, so the same puzzle is always
-    stretched the same way.
+def stretch(text: str, length: int, degree: int = 0) -> tuple[str, Splice | None]:
+    """The puzzle with every arm `length` nodes long (centre included) and at least `degree` arms: fresh nodes
+    spliced in between the centre and each of its neighbours, as many as that arm needs, and decoy arms of fresh
+    nodes added until there are `degree` arms (new edges written the way the puzzle writes its centre's edges, and
+    put at random places in the edge list). Seeded by the puzzle, so the same puzzle is always stretched the same
+    way.
 
-    A G(d, l) becomes a G(d, length) (a star with arms of several lengths becomes one with equal arms) whose answer
-    is the old one with the spliced nodes after the centre, so a model of longer arms reads it (`unstretch` maps its
-    answer back); which arm leads to the goal is no easier to see, and the path still has to be found. A puzzle
-    already of that shape comes back unchanged with an empty splice; one that is not a star, or has a longer arm,
-    comes back unchanged with None (its arms are not all `length` nodes).
+    A G(d, l) becomes a G(max(d, degree), length) (a star with arms of several lengths becomes one with equal arms)
+    whose answer is the old one with the spliced nodes after the centre, so a model of longer arms or more arms
+    reads it (`unstretch` maps its answer back); decoys lead nowhere near the goal, which arm leads to it is no
+    easier to see, and the path still has to be found. A puzzle already of that shape comes back unchanged with an
+    empty splice; one that is not a star, or has a longer arm, comes back unchanged with None (its arms are not all
+    `length` nodes).
     """
     edges, centre, goal = parse_input(text)
     arms = arm_lengths(edges, centre)
     if not arms or max(arms.values()) + 1 > length:
         return text, None
-    if set(arms.values()) == {length - 1}:
+    decoys = max(degree - len(arms), 0)
+    if set(arms.values()) == {length - 1} and not decoys:
         return text, {}
     rng = random.Random(f"stretch/{text.strip()}")
     nodes = {n for edge in edges for n in edge}
-    count = sum(length - 1 - arm for arm in arms.values())
+    count = sum(length - 1 - arm for arm in arms.values()) + decoys * (length - 1)
     pool = [n for n in names_for(len(nodes) + count) if n not in nodes]
     fresh = iter(rng.sample(pool, count))
+    outward = next(a == centre for a, b in edges if centre in (a, b))
+
+    def chain_edges(chain: list[int], out: bool) -> list[Edge]:
+        return list(zip(chain, chain[1:])) if out else [(y, x) for x, y in zip(chain, chain[1:])]
+
     kept: list[Edge] = []
     splice: Splice = {}
     for a, b in edges:
@@ -211,8 +219,9 @@ def stretch(text: str, length: int) -> tuple[str, Splice | None]:
             continue
         neighbour = b if a == centre else a
         splice[neighbour] = tuple(next(fresh) for _ in range(length - 1 - arms[neighbour]))
-        chain = [centre, *splice[neighbour], neighbour]
-        kept.extend(zip(chain, chain[1:]) if a == centre else ((y, x) for x, y in zip(chain, chain[1:])))
+        kept.extend(chain_edges([centre, *splice[neighbour], neighbour], a == centre))
+    for _ in range(decoys):
+        kept.extend(chain_edges([centre, *(next(fresh) for _ in range(length - 1))], outward))
     rng.shuffle(kept)
     return format_input(kept, centre, goal), splice
 

@@ -31,6 +31,9 @@ def test_bundled_planning_model_loads_and_records_its_command(name):
 def test_sudoku_solver_solves_the_readme_puzzle():
     [sol] = Solver(ASSETS / "sudoku4-diffusion").solve(["0042\n2031\n4023\n3214"])
     assert sol.valid and sol.output == "1342\n2431\n4123\n3214"
+    # the same puzzle on one line (16 digits) or with CRLF rows: read in the training layout, answered in its own
+    flat, crlf = Solver(ASSETS / "sudoku4-diffusion").solve(["0042203140233214", "0042 \r\n2031\r\n4023\r\n3214"])
+    assert flat.valid and flat.output == "1342243141233214" and crlf.valid
 
 
 STARS = [name[:-len("-diffusion")] for name in PLANNING

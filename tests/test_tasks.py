@@ -132,6 +132,20 @@ def test_sudoku_format_round_trips():
     assert sudoku.parse(PLANNING_SUDOKU4.replace("\n", "")) == sudoku.parse(PLANNING_SUDOKU4, size=4)
 
 
+def test_sudoku_models_read_every_accepted_layout_as_the_spec_writes_it():
+    task = tasks.get_task("sudoku4")
+    for text in (PLANNING_SUDOKU4.replace("\n", ""), PLANNING_SUDOKU4.replace("\n", " \r\n"), PLANNING_SUDOKU4):
+        view, back = task.model_view(text)
+        assert view == PLANNING_SUDOKU4  # the layout the models were trained on
+        answer = back("1342\n2431\n4123\n3214")
+        assert answer == ("1342243141233214" if "\n" not in text else "1342\n2431\n4123\n3214")
+        assert task.validate(text, answer)
+    assert task.training_pair(PLANNING_SUDOKU4.replace("\n", ""), "1342243141233214") == \
+        (PLANNING_SUDOKU4, "1342\n2431\n4123\n3214")
+    assert tasks.get_task("sudoku9").model_view(" 1" + "0" * 80)[0] == "1" + "0" * 80
+    assert task.model_view("00")[0] == "00"  # not a grid: left for the validator to reject
+
+
 @pytest.mark.parametrize("text,message", [
     ("0" * 80, "81 characters"),
     ("0" * 82, "81 characters"),

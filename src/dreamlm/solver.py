@@ -157,7 +157,7 @@ class Solver:
         on gets decoy arms (`stargraph.stretch`); once every arm has one length, the path's length is known
         whichever arm the goal is on."""
         self.task.check_input(puzzle)
-        unknown = set(puzzle) - set(self.task.alphabet)
+        unknown = set(puzzle) - set(self.task.alphabet) - set(" \t\r")  # the task's parser judges spacing
         if unknown:
             raise DreamError(f"the puzzle has characters this task never uses: {''.join(sorted(unknown))!r}")
         shape = self.read_shape(puzzle)

@@ -113,7 +113,24 @@ def sudoku_task(size: int, min_blanks: int | None = None, max_blanks: int | None
         return puzzle.input, puzzle.output
 
     return Task(name, SUDOKU_ALPHABET[size], False, make, lambda text: sudoku.parse(text, size),
-                sudoku.is_valid_solution)
+                sudoku.is_valid_solution, {"": _sudoku_layout(size)})
+
+
+def _sudoku_layout(size: int) -> View:
+    """The default sudoku view: a puzzle written in another accepted layout (a 4×4 as 16 digits on one line, rows
+    with stray spaces or CRLF endings) is read in the spec's layout, as the models were trained; the answer is
+    written back in the puzzle's own (16 digits on one line for such a 4×4)."""
+    def canonical(text: str) -> str:
+        try:
+            return sudoku.canonical(text, size)
+        except DreamError:
+            return text  # not a grid of this size: left for the validator to reject
+
+    def view(text: str) -> tuple[str, Callable[[str], str], Callable[[str], str]]:
+        flat = size == 4 and "\n" not in text.strip()
+        return canonical(text), canonical, (lambda answer: answer.replace("\n", "")) if flat else _same
+
+    return view
 
 
 def countdown_task(k: int) -> Task:

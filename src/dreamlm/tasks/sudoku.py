@@ -345,6 +345,12 @@ def _parse_flat(text: str, size: int | None) -> tuple[list[int], int]:
     return [int(ch) for ch in chars], n
 
 
+def canonical(text: str, size: int | None = None) -> str:
+    """A grid in any accepted layout (a 4×4 as 4 lines or 16 digits, stray spaces, CRLF) written in the spec's
+    layout for its size; clashes are not checked. Malformed text → DreamError."""
+    return format(_unflatten(*_parse_flat(text, size)))
+
+
 def _clash(flat: list[int], n: int) -> str | None:
     """Describe the first repeated digit in a row, column or box, or None if there is none."""
     geo = _geometry(n)

@@ -160,6 +160,15 @@ def test_star_diffusion_solver_pins_where_the_path_ends():
     assert set(canvas[start:start + 9]) == {config.mask_token_id}  # the path itself is left to the model
 
 
+def test_star_goal_inside_an_arm():
+    # The goal need not be a leaf: the nodes past it are dropped before the arms are evened out.
+    solver = Solver(ASSETS / "star-2-5-diffusion")
+    graph = "12,7|7,33|33,20|12,41|41,9|9,58"
+    solutions = solver.solve([f"{graph}/12,{goal}=" for goal in (41, 9, 7, 33)])
+    assert [s.output for s in solutions] == ["12,41", "12,41,9", "12,7", "12,7,33"]
+    assert all(s.valid for s in solutions)
+
+
 def test_star_with_arms_of_different_lengths_is_evened_out():
     # planning.md's example, completed with a shorter arm: stretched to a proper G(2, 5), EOS pinned, mapped back.
     solver = Solver(ASSETS / "star-2-5-diffusion")

@@ -463,6 +463,21 @@ def test_star_stretch_adds_decoy_arms_up_to_a_degree():
                stargraph.parse_input(inward)[0]) and len(stargraph.parse_input(inward)[0]) == 4
 
 
+def test_star_stretch_makes_an_inner_goal_a_leaf():
+    text = "12,7|7,33|33,20|12,41|41,9|9,58/12,41="  # the goal 41 sits next to the centre on a 4-node arm
+    trimmed, splice = stargraph.stretch(text, 4)
+    edges, centre, goal = stargraph.parse_input(trimmed)
+    assert goal == 41 and not {9, 58} & {n for e in edges for n in e}  # the nodes past the goal are gone
+    assert sorted(stargraph.arm_lengths(edges, centre).values()) == [3, 3] and len(splice[41]) == 2
+    answer = stargraph.solve(trimmed)
+    assert answer == [12, *splice[41], 41] and stargraph.unstretch(",".join(map(str, answer)), splice) == "12,41"
+    assert stargraph.is_valid_solution(text, "12,41")
+    # A leaf goal keeps every node; an inner goal on a graph of the right shape is still rewritten.
+    assert stargraph.stretch("12,7|7,33|12,41|41,9/12,9=", 3) == ("12,7|7,33|12,41|41,9/12,9=", {})
+    _, splice = stargraph.stretch("12,7|7,33|12,41|41,9/12,41=", 3)
+    assert splice[7] == () and len(splice[41]) == 1
+
+
 def test_star_edge_view_round_trip():
     # Any names (one- and three-digit here) become 10..9+n, each edge one `a>b` word; answers map back and forth.
     text = "12,7|7,333|41,9|9,58|12,41/12,58="

@@ -187,6 +187,7 @@ def stretch(text: str, length: int, degree: int = 0) -> tuple[str, Splice | None
     put at random places in the edge list). Seeded by the puzzle, so the same puzzle is always stretched the same
     way.
 
+    A goal inside an arm is first made its leaf (the nodes past it play no part in the answer and are dropped).
     A G(d, l) becomes a G(max(d, degree), length) (a star with arms of several lengths becomes one with equal arms)
     whose answer is the old one with the spliced nodes after the centre, so a model of longer arms or more arms
     reads it (`unstretch` maps its answer back); decoys lead nowhere near the goal, which arm leads to it is no
@@ -195,11 +196,14 @@ def stretch(text: str, length: int, degree: int = 0) -> tuple[str, Splice | None
     `length` nodes).
     """
     edges, centre, goal = parse_input(text)
+    beyond = _beyond(edges, centre, goal)
+    if beyond:  # the nodes past the goal on its arm play no part in the answer: the goal is made a leaf
+        edges = [(a, b) for a, b in edges if a not in beyond and b not in beyond]
     arms = arm_lengths(edges, centre)
     if not arms or max(arms.values()) + 1 > length:
         return text, None
     decoys = max(degree - len(arms), 0)
-    if set(arms.values()) == {length - 1} and not decoys:
+    if set(arms.values()) == {length - 1} and not decoys and not beyond:
         return text, {}
     rng = random.Random(f"stretch/{text.strip()}")
     nodes = {n for edge in edges for n in edge}
@@ -224,6 +228,23 @@ def stretch(text: str, length: int, degree: int = 0) -> tuple[str, Splice | None
         kept.extend(chain_edges([centre, *(next(fresh) for _ in range(length - 1))], outward))
     rng.shuffle(kept)
     return format_input(kept, centre, goal), splice
+
+
+def _beyond(edges: list[Edge], centre: int, goal: int) -> set[int]:
+    """The nodes reached from the centre through the goal (breadth-first; none when the goal is a leaf)."""
+    adjacency = _adjacency(edges)
+    parent: dict[int, int | None] = {centre: None}
+    queue = deque([centre])
+    beyond: set[int] = set()
+    while queue:
+        node = queue.popleft()
+        if parent[node] == goal or parent[node] in beyond:
+            beyond.add(node)
+        for nxt in sorted(adjacency[node]):
+            if nxt not in parent:
+                parent[nxt] = node
+                queue.append(nxt)
+    return beyond
 
 
 def unstretch(answer: str, splice: Splice | None) -> str:

@@ -329,6 +329,34 @@ def test_countdown_fixed_view():
         cd3.model_view("1,2,3,0", "fixed")
 
 
+def test_countdown_refs_view_writes_reused_results_as_letters():
+    # The fixed view, except that an operand which is an earlier result is written as that equation's letter: the
+    # model cannot copy a result from where it is used, it has to compute it.
+    task = tasks.get_task("cd4")
+    view_in, view_out = task.training_pair(*PLANNING_CD, "refs")
+    assert view_in == "000086,000028,000013,000031,000096"
+    assert view_out == "000086+000028=000114,000031-000013=000018,aaaaaa-bbbbbb=000096"
+    assert task.model_view(PLANNING_CD[0], "refs")[1](view_out) == PLANNING_CD[1]
+    for name, letters in (("cd3", "a"), ("cd4", "ab"), ("cd5", "abc")):
+        for example in tasks.make_examples(name, 40, 5, "test"):
+            task = tasks.get_task(name)
+            view_in, view_out = task.training_pair(example["input"], example["output"], "refs")
+            assert len(view_out) == len(task.training_pair(example["input"], example["output"], "fixed")[1])
+            assert set(view_out) - set("0123456789+-*/=,") <= set(letters)
+            assert task.model_view(example["input"], "refs")[1](view_out) == example["output"]
+    # A value that is both an unused input number and an unused result: the result is referenced.
+    assert countdown.to_refs("2,2,4,8", "2*2=4,4+4=8", 3) == "0002*0002=0004,aaaa+0004=0008"
+    # A letter for a later (or missing) equation, or a mixed run, stays as written: the validator rejects it.
+    assert countdown.from_refs("0086+0028=0114,bbbb-0018=0096") == "86+28=114,bbbb-18=96"
+    assert countdown.from_refs("aaaa+0028=0114,0031-0013=0018") == "aaaa+28=114,31-13=18"
+    assert countdown.from_refs("0086+0028=0114,abaa-0018=0096") == "86+28=114,abaa-18=96"
+    assert not tasks.get_task("cd3").validate("86,28,18,96", "86+28=114,bbbb-18=96")
+    # Every answer in a fixed-width view has one layout, so a diffusion solver can pin where it ends.
+    cd3 = tasks.get_task("cd3")
+    assert cd3.answer_layout("0086,0028,0013,0096", "refs") == "0000+0000=0000,0000+0000=0000"
+    assert cd3.answer_layout("86,28,13,96", "") is None
+
+
 def test_countdown_ood_split_holds_out_targets():
     assert countdown.OOD_TARGETS == (17, 27, 37, 47, 57, 67, 77, 87, 97)
     held_out = set(countdown.OOD_TARGETS)

@@ -155,14 +155,17 @@ class Solver:
         answer back, and how many tokens the answer takes when the puzzle fixes that (else None). A star graph with
         shorter arms than the model reads is first stretched to them, and one with fewer arms than any it was trained
         on gets decoy arms (`stargraph.stretch`); once every arm has one length, the path's length is known
-        whichever arm the goal is on."""
+        whichever arm the goal is on. Other tasks say when their answers have one layout (`Task.answer_layout`:
+        a sudoku grid, Countdown in a fixed-width view)."""
         self.task.check_input(puzzle)
         unknown = set(puzzle) - set(self.task.alphabet) - set(" \t\r")  # the task's parser judges spacing
         if unknown:
             raise DreamError(f"the puzzle has characters this task never uses: {''.join(sorted(unknown))!r}")
         shape = self.read_shape(puzzle)
         if shape is None:
-            return *self.task.model_view(puzzle, self.view), None
+            text, back = self.task.model_view(puzzle, self.view)
+            layout = self.task.answer_layout(text, self.view)
+            return text, back, None if layout is None else len(self.tok.encode(layout))
         stretched, splice = stargraph.stretch(puzzle, shape[1], shape[0])
         text, back = self.task.model_view(stretched, self.view)
         answer_tokens = None
@@ -213,9 +216,10 @@ class Solver:
         small planning MDMs decode; `threshold=1.0` of the fast options). Dream's schedule commits two tokens at
         its last step, so the two hardest slots would be decided together, each blind to the other. `steps=N`
         decodes with Dream's schedule over N steps instead (the speed/quality knob); `fast` options pass through.
-        For star graphs the answer's length follows from the graph, so the diffusion solver pins EOS (and the PAD
-        tail) where the path ends, as the model saw them in training: it finds the path, not where to stop (an AR
-        model stops where it reaches the goal).
+        Where the answer's length follows from the puzzle (a star graph's path once its arms are even, a sudoku
+        grid, Countdown equations in a fixed-width view), the diffusion solver pins EOS (and the PAD tail) where the
+        answer ends, as the model saw them in training: it finds the answer, not where to stop (an AR model stops
+        by itself).
         """
         if steps is None and not fast:
             fast = {"threshold": 1.0}

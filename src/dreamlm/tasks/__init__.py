@@ -55,6 +55,9 @@ class Task:
     # Optional views by name: puzzle → (the puzzle as such a model reads it, answer in the puzzle's terms → answer
     # in the view's, answer in the view's terms → answer in the puzzle's). "" is the default view.
     views: dict[str, View] = field(default_factory=dict, repr=False)
+    # Optional: (the puzzle as a view reads it, the view's name) → any answer of the layout every answer to it has
+    # in that view (so its length in tokens), or None where answers differ in length.
+    answer_layout: Callable[[str, str], str | None] = field(default=lambda text, view: None, repr=False)
 
     def generate(self, rng: random.Random, split: str = "train") -> Example:
         """One example {"input", "output"} drawn from `split` ("train", "test" or, where supported, "ood")."""
@@ -113,7 +116,8 @@ def sudoku_task(size: int, min_blanks: int | None = None, max_blanks: int | None
         return puzzle.input, puzzle.output
 
     return Task(name, SUDOKU_ALPHABET[size], False, make, lambda text: sudoku.parse(text, size),
-                sudoku.is_valid_solution, {"": _sudoku_layout(size)})
+                sudoku.is_valid_solution, {"": _sudoku_layout(size)},
+                answer_layout=lambda text, view: text)  # the grid read in the spec's layout: the answer's
 
 
 def _sudoku_layout(size: int) -> View:
@@ -151,7 +155,16 @@ def countdown_task(k: int) -> Task:
         return (countdown.fixed_view(text, k), lambda answer: countdown.to_fixed(answer, k),
                 countdown.from_fixed)
 
-    return Task(f"cd{k}", COUNTDOWN_ALPHABET, True, make, check, countdown.is_valid_solution, {"fixed": fixed})
+    def refs(text: str) -> tuple[str, Callable[[str], str], Callable[[str], str]]:
+        return (countdown.fixed_view(text, k), lambda answer: countdown.to_refs(text, answer, k),
+                countdown.from_refs)
+
+    def layout(text: str, view: str) -> str | None:  # in the fixed-width views every equation is as long
+        number = "0" * countdown.view_width(k)
+        return ",".join([f"{number}+{number}={number}"] * (k - 1)) if view in ("fixed", "refs") else None
+
+    return Task(f"cd{k}", COUNTDOWN_ALPHABET, True, make, check, countdown.is_valid_solution,
+                {"fixed": fixed, "refs": refs}, answer_layout=layout)
 
 
 def _star_key(puzzle: stargraph.Puzzle) -> str:

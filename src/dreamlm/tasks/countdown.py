@@ -203,6 +203,49 @@ def from_fixed(answer: str) -> str:
     return re.sub(r"[0-9]+", lambda m: m.group().lstrip("0") or "0", answer)
 
 
+REF_LETTERS = "abcde"  # "refs" view: the result of equation 1, 2, ... where a later equation uses it
+
+
+def to_refs(input_text: str, answer: str, k: int) -> str:
+    """An answer in the "refs" view of CDk (for training pairs): the fixed view, except that an operand which is the
+    result of an earlier equation is written as that equation's letter (`a` for the first, `b` for the second, ...)
+    repeated to the view's width: `0086+0028=0114,aaaa-0018=0096`. Where a value is both an unused input number and
+    an unused result, the result is taken. A malformed answer is written in the plain fixed view."""
+    numbers, _ = parse_input(input_text)
+    steps = [_parse_step(part) for part in answer.strip().split(",")]
+    if any(step is None for step in steps) or len(steps) > len(REF_LETTERS) + 1:
+        return to_fixed(answer, k)
+    width, unused, parts = view_width(k), [], []  # unused: (value, equation index) of results not used yet
+    for index, step in enumerate(steps):
+        operands = []
+        for value in (step.a, step.b):
+            ref = next((i for v, i in reversed(unused) if v == value), None)
+            if ref is None:
+                operands.append(str(value).rjust(width, "0"))
+            else:
+                unused.remove((value, ref))
+                operands.append(REF_LETTERS[ref] * width)
+        unused.append((step.result, index))
+        parts.append(f"{operands[0]}{step.op}{operands[1]}={str(step.result).rjust(width, '0')}")
+    return _pad_numbers(",".join(parts), width)
+
+
+def from_refs(answer: str) -> str:
+    """A refs-view answer written plainly: each letter run is replaced by the result the answer itself gives for
+    that equation, then leading zeros are dropped. A letter for an equation that is not earlier in the answer, or a
+    run of mixed letters, is left as written, so the validator rejects it."""
+    parts = answer.strip().split(",")
+    results: list[str] = []
+    for index, part in enumerate(parts):
+        def resolve(match: re.Match[str]) -> str:
+            run = match.group()
+            ref = REF_LETTERS.find(run[0])
+            return results[ref] if len(set(run)) == 1 and 0 <= ref < index and ref < len(results) else run
+        parts[index] = re.sub(rf"[{REF_LETTERS}]+", resolve, part)
+        results.append(parts[index].rsplit("=", 1)[-1])
+    return from_fixed(",".join(parts))
+
+
 def _parse_step(text: str) -> Step | None:
     match = _EQUATION.fullmatch(text)
     if match is None or max(len(g) for g in match.group(1, 3, 4)) > _MAX_DIGITS:

@@ -61,9 +61,10 @@ def score(solver: Solver, puzzles: list[str], batch: int = 64, **kwargs: Any) ->
 
 
 # Star graphs G(d, l) the grid reports: every d and l in 2..5, longer arms up to the bundled G(5, 5) model's
-# largest training shapes (G(2, 11), G(3, 7), G(4, 6)), and more arms (shapes no bundled pair covers are left out).
+# largest training shapes (G(2, 11), G(3, 7), G(4, 6)), bare paths (read with a decoy arm), and more arms (shapes
+# no bundled pair covers are left out).
 STAR_GRID = tuple((d, l) for d in range(2, 6) for l in range(2, 6)) + ((2, 8), (2, 11), (3, 7), (4, 6)) + \
-    ((6, 5), (7, 3), (8, 5), (10, 5))
+    ((1, 5), (1, 8)) + ((6, 5), (7, 3), (8, 5), (10, 5))
 
 
 def star_grid(n: int, shapes: tuple[tuple[int, int], ...] = STAR_GRID) -> dict[str, Any]:

@@ -173,3 +173,10 @@ def test_bundled_solver_dir_falls_back_to_a_wider_or_longer_star(tmp_path, monke
                        ("star-10-3", "diffusion"), ("star-2-12", "diffusion")):
         with pytest.raises(DreamError, match=f"no bundled model for {task}"):
             pick(task, kind)
+    # A tie on the covering shape goes to the model with fewer arms (the specialist), whatever the names.
+    (tmp_path / "star-10-5-diffusion").mkdir()
+    (tmp_path / "star-10-5-diffusion" / "config.json").write_text("{}")
+    (tmp_path / "star-10-5-diffusion" / "dreamlm_task.json").write_text(
+        json.dumps({"task": "star-10-5", "star_shapes": [[3, 7], [5, 5], [10, 5]]}))
+    assert pick("star-3-7").name == pick("star-5-3").name == "star-5-5-diffusion"
+    assert pick("star-6-5").name == pick("star-10-2").name == "star-10-5-diffusion"

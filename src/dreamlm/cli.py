@@ -313,7 +313,7 @@ def solve(
                 solvers[name] = loaded[path]
                 if model is None and path.name != f"{name}-{objective}":
                     err.print(f"no bundled {name} model: using {path.name}{solvers[name].reading_note(text)}",
-                              highlight=False)
+                              highlight=False, soft_wrap=True)
             solver = solvers[name]
             if not (show and solver.kind == "diffusion"):
                 solver.prompt_ids(text)  # a malformed puzzle fails here, before any solving

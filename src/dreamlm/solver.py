@@ -66,7 +66,7 @@ def read_shape(shapes: list[tuple[int, int]], degree: int, length: int) -> tuple
 def bundled_solver_dir(task: str, kind: str = "diffusion") -> Path:
     """The bundled `kind` ("diffusion" or "ar") model for a task. A star graph G(d, l) without a model of its own
     goes to a bundled star model trained on some G(D, L) with D >= d and L >= l (the smallest such D, then L, then
-    the name): the solver stretches shorter arms to L (`stargraph.stretch`, which keeps the graph a star of that
+    the model whose largest training shape is smallest, then the name): the solver stretches shorter arms to L (`stargraph.stretch`, which keeps the graph a star of that
     shape) and, when D > d, adds decoy arms of fresh nodes up to D. DreamError when none fits."""
     path = bundled_model_dir(f"{task}-{kind}")
     if (path / "config.json").is_file():
@@ -81,11 +81,12 @@ def bundled_solver_dir(task: str, kind: str = "diffusion") -> Path:
             meta_file = candidate / TASK_FILE
             meta = json.loads(meta_file.read_text()) if meta_file.is_file() else \
                 {"task": candidate.name.removesuffix(f"-{kind}")}
-            shapes = [s for s in star_shapes(meta) if s[0] >= degree and s[1] >= length]
-            if shapes:
-                fits.append((min(shapes), candidate.name))
+            trained = star_shapes(meta)
+            shapes = [s for s in trained if s[0] >= degree and s[1] >= length]
+            if shapes:  # ties go to the model of the fewest arms (the specialist)
+                fits.append((min(shapes), max(trained), candidate.name))
         if fits:
-            return bundled_model_dir(min(fits)[1])
+            return bundled_model_dir(min(fits)[-1])
     raise DreamError(f"no bundled model for {task} yet; train one (recipes/planning) and pass --model")
 
 

@@ -40,6 +40,11 @@ STARS = [name[:-len("-diffusion")] for name in PLANNING
          if name.startswith("star-") and name.endswith("-diffusion") and name.replace("-diffusion", "-ar") in PLANNING]
 
 
+# Bundled star models that solve their own shape below the 95 % target (their READMEs say how often): the least a
+# regression must still reach on these 100 graphs.
+BELOW_TARGET = {"star-10-5": 0.7}
+
+
 def test_there_is_a_bundled_star_solver():
     assert "star-2-5" in STARS
 
@@ -57,7 +62,7 @@ def test_star_solver_plans_where_the_ar_baseline_guesses(task):
     assert diffusion.view == ar.view == "edges"
     d_acc = sum(s.valid for s in diffusion.solve(puzzles)) / len(puzzles)
     a_acc = sum(s.valid for s in ar.solve(puzzles)) / len(puzzles)
-    assert d_acc >= 0.85 and abs(a_acc - 1 / degree) <= 0.2, (d_acc, a_acc)
+    assert d_acc >= BELOW_TARGET.get(task, 0.85) and abs(a_acc - 1 / degree) <= 0.2, (d_acc, a_acc)
 
 
 def test_star_solver_reads_other_generators_names():
@@ -125,12 +130,28 @@ def test_solve_path_says_when_it_stretches_the_arms():
     assert result["output"] == "1,4,5" and result["valid"]
 
 
+@pytest.mark.skipif("star-10-5-diffusion" not in PLANNING, reason="no bundled G(10, 5) solver")
+def test_solve_path_hands_more_arms_to_the_g105_model():
+    from typer.testing import CliRunner
+
+    from dreamlm.cli import app
+    from dreamlm.tasks import make_examples
+
+    [example] = make_examples("star-7-3", 1, 5, "test")
+    res = CliRunner().invoke(app, ["solve", "path", example["input"], "--json"])
+    assert res.exit_code == 0, res.output
+    assert ("no bundled star-7-3 model: using star-10-5-diffusion (arms stretched to 5 nodes, 1 decoy arm added)"
+            in res.stderr)
+    [result] = json.loads(res.stdout)
+    assert result["valid"] == get_task("star-7-3").validate(example["input"], result["output"])
+
+
 @pytest.mark.skipif("star-5-5-diffusion" not in PLANNING, reason="no bundled G(5, 5) solver")
 def test_bench_star_grid_uses_the_pair_solve_path_picks(tmp_path):
     from dreamlm.bench import planning, planning_table, star_grid, write_planning_report
 
-    grid = star_grid(6, ((2, 4), (4, 3), (6, 5)))
-    assert list(grid) == ["star-2-4", "star-4-3"]  # no bundled pair has 6 arms: left out
+    grid = star_grid(6, ((2, 4), (4, 3), (11, 5)))
+    assert list(grid) == ["star-2-4", "star-4-3"]  # no bundled pair has 11 arms: left out
     assert grid["star-4-3"]["models"] == {"diffusion": "star-5-5-diffusion", "ar": "star-5-5-ar"}
     assert all(grid[name][kind]["n"] == 6 for name in grid for kind in ("diffusion", "ar"))
     assert grid["star-2-4"]["diffusion"]["accuracy"] >= 5 / 6

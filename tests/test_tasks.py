@@ -345,7 +345,7 @@ def test_countdown_refs_view_writes_reused_results_as_letters():
             assert set(view_out) - set("0123456789+-*/=,") <= set(letters)
             assert task.model_view(example["input"], "refs")[1](view_out) == example["output"]
     # A value that is both an unused input number and an unused result: the result is referenced.
-    assert countdown.to_refs("2,2,4,8", "2*2=4,4+4=8", 3) == "0002*0002=0004,aaaa+0004=0008"
+    assert countdown.to_refs("2*2=4,4+4=8", 3) == "0002*0002=0004,aaaa+0004=0008"
     # A letter for a later (or missing) equation, or a mixed run, stays as written: the validator rejects it.
     assert countdown.from_refs("0086+0028=0114,bbbb-0018=0096") == "86+28=114,bbbb-18=96"
     assert countdown.from_refs("aaaa+0028=0114,0031-0013=0018") == "aaaa+28=114,31-13=18"

@@ -66,8 +66,9 @@ def read_shape(shapes: list[tuple[int, int]], degree: int, length: int) -> tuple
 def bundled_solver_dir(task: str, kind: str = "diffusion") -> Path:
     """The bundled `kind` ("diffusion" or "ar") model for a task. A star graph G(d, l) without a model of its own
     goes to a bundled star model trained on some G(D, L) with D >= d and L >= l (the smallest such D, then L, then
-    the model whose largest training shape is smallest, then the name): the solver stretches shorter arms to L (`stargraph.stretch`, which keeps the graph a star of that
-    shape) and, when D > d, adds decoy arms of fresh nodes up to D. DreamError when none fits."""
+    the model whose largest training shape is smallest, then the name): the solver stretches shorter arms to L
+    (`stargraph.stretch`, which keeps the graph a star of that shape) and, when D > d, adds decoy arms of fresh
+    nodes up to D. DreamError when none fits."""
     path = bundled_model_dir(f"{task}-{kind}")
     if (path / "config.json").is_file():
         return path
@@ -154,8 +155,8 @@ class Solver:
     def _view(self, puzzle: str) -> tuple[str, Callable[[str], str], int | None]:
         """Check the puzzle as given (DreamError if malformed), then give it as the model reads it, the map of an
         answer back, and how many tokens the answer takes when the puzzle fixes that (else None). A star graph with
-        shorter arms than the model reads is first stretched to them, and one with fewer arms than any it was trained
-        on gets decoy arms (`stargraph.stretch`); once every arm has one length, the path's length is known
+        shorter arms than the model reads is first stretched to them, and one with fewer arms than the training shape
+        it is read at gets decoy arms (`stargraph.stretch`); once every arm has one length, the path's length is known
         whichever arm the goal is on. Other tasks say when their answers have one layout (`Task.answer_layout`:
         a sudoku grid, Countdown in a fixed-width view)."""
         self.task.check_input(puzzle)
@@ -170,7 +171,7 @@ class Solver:
         stretched, splice = stargraph.stretch(puzzle, shape[1], shape[0])
         text, back = self.task.model_view(stretched, self.view)
         answer_tokens = None
-        if splice is not None:  # every arm is `length` nodes: so is the path (`a,b,...` in the view's names)
+        if splice is not None:  # every arm has shape[1] nodes: so has the path (`a,b,...` in the view's names)
             goal = text.rstrip().removesuffix("=").rsplit(",", 1)[1]
             answer_tokens = len(self.tok.encode(",".join([goal] * shape[1])))
         return text, lambda answer: stargraph.unstretch(back(answer), splice), answer_tokens

@@ -156,7 +156,7 @@ def countdown_task(k: int) -> Task:
                 countdown.from_fixed)
 
     def refs(text: str) -> tuple[str, Callable[[str], str], Callable[[str], str]]:
-        return (countdown.fixed_view(text, k), lambda answer: countdown.to_refs(text, answer, k),
+        return (countdown.fixed_view(text, k), lambda answer: countdown.to_refs(answer, k),
                 countdown.from_refs)
 
     def layout(text: str, view: str) -> str | None:  # in the fixed-width views every equation is as long

@@ -206,12 +206,11 @@ def from_fixed(answer: str) -> str:
 REF_LETTERS = "abcde"  # "refs" view: the result of equation 1, 2, ... where a later equation uses it
 
 
-def to_refs(input_text: str, answer: str, k: int) -> str:
+def to_refs(answer: str, k: int) -> str:
     """An answer in the "refs" view of CDk (for training pairs): the fixed view, except that an operand which is the
     result of an earlier equation is written as that equation's letter (`a` for the first, `b` for the second, ...)
     repeated to the view's width: `0086+0028=0114,aaaa-0018=0096`. Where a value is both an unused input number and
     an unused result, the result is taken. A malformed answer is written in the plain fixed view."""
-    numbers, _ = parse_input(input_text)
     steps = [_parse_step(part) for part in answer.strip().split(",")]
     if any(step is None for step in steps) or len(steps) > len(REF_LETTERS) + 1:
         return to_fixed(answer, k)
@@ -240,7 +239,7 @@ def from_refs(answer: str) -> str:
         def resolve(match: re.Match[str]) -> str:
             run = match.group()
             ref = REF_LETTERS.find(run[0])
-            return results[ref] if len(set(run)) == 1 and 0 <= ref < index and ref < len(results) else run
+            return results[ref] if len(set(run)) == 1 and 0 <= ref < index else run
         parts[index] = re.sub(rf"[{REF_LETTERS}]+", resolve, part)
         results.append(parts[index].rsplit("=", 1)[-1])
     return from_fixed(",".join(parts))

@@ -49,15 +49,11 @@ def available_tasks(tasks: list[str] | None = None) -> list[str]:
 
 def score(solver: Solver, puzzles: list[str], batch: int = 64, **kwargs: Any) -> Score:
     """Solve puzzles in batches; accuracy by the task's rules, passes and time per solution."""
-    valid, passes, seconds = 0, [], 0.0
-    for start in range(0, len(puzzles), batch):
-        chunk = puzzles[start:start + batch]
-        t0 = time.perf_counter()
-        solutions = solver.solve(chunk, **kwargs)
-        seconds += time.perf_counter() - t0
-        valid += sum(s.valid for s in solutions)
-        passes += [s.forward_passes for s in solutions]
-    return Score(valid / len(puzzles), statistics.mean(passes), 1000 * seconds / len(puzzles), len(puzzles))
+    t0 = time.perf_counter()
+    solutions = solver.solve_batches(puzzles, batch, **kwargs)
+    seconds = time.perf_counter() - t0
+    return Score(sum(s.valid for s in solutions) / len(puzzles), statistics.mean(s.forward_passes for s in solutions),
+                 1000 * seconds / len(puzzles), len(puzzles))
 
 
 # Star graphs G(d, l) the grid reports: every d and l in 2..5, longer arms up to the bundled G(5, 5) model's

@@ -326,10 +326,9 @@ def solve(
             finally:
                 view.close()
         for name, members in batches.items():
-            for start in range(0, len(members), 64):
-                chunk = members[start:start + 64]
-                for index, solution in zip(chunk, solvers[name].solve([puzzles[i] for i in chunk], steps=steps)):
-                    results[index] = solution
+            solutions = solvers[name].solve_batches([puzzles[i] for i in members], steps=steps)
+            for index, solution in zip(members, solutions):
+                results[index] = solution
         if out_file is not None:
             out_file.write_text("".join(json.dumps({"input": r.input, "output": r.output, "valid": r.valid}) + "\n"
                                         for r in results))

@@ -254,6 +254,12 @@ class Solver:
                 results[i] = Solution(puzzles[i], answer, self.task.validate(puzzles[i], answer), passes, seconds)
         return [r for r in results if r is not None]
 
+    def solve_batches(self, puzzles: list[str], batch: int = 64, **kwargs: Any) -> list[Solution]:
+        """`solve` over consecutive batches of `batch` puzzles (memory stays bounded for long files); answers in
+        order."""
+        return [solution for start in range(0, len(puzzles), batch)
+                for solution in self.solve(puzzles[start:start + batch], **kwargs)]
+
     def budget(self, puzzle: str) -> int:
         """Canvas slots the model fills for this puzzle: those after the prompt, or for a star-graph diffusion
         model the answer path's (the rest is pinned, see `solve`)."""

@@ -19,7 +19,7 @@ Sections and keys (all optional except data.train):
              separator (text appended to each prompt, e.g. "<|sep|>"), random_truncation (cut each SFT batch's
              padded tail at a random length), task (a planning task name, e.g. "sudoku4": the exported
              model then records it for `dreamlm solve`), view (the task's model view, e.g. "edges" for star
-             graphs, "fixed" for Countdown: training pairs are mapped through it and the solver reads puzzles the
+             graphs, "fixed" or "refs" for Countdown: training pairs are mapped through it and the solver reads puzzles the
              same way)
 [objective]  kind ("diffusion" or "ar"), weighting ("elbo" = 1/t, "linear", "cart", "none"), cart_p,
              focal_gamma (0 = off), focal_alpha, eps

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dreamlm.config import DreamConfig
+from dreamlm.errors import DreamError
 
 if TYPE_CHECKING:
     from dreamlm.sampling.generate import DreamGenerationOutput
@@ -224,6 +225,8 @@ class DreamModel(nn.Module):
         if cache is not None and cache.length and not (start == 0 and input_ids.shape[1] == cache.length):
             return self._span_forward(input_ids, attention_mask, position_ids, select, cache, start)
         B, L = input_ids.shape
+        if L > self.config.context_length:
+            raise DreamError(f"the input has {L} tokens, more than the model's context of {self.config.context_length}")
         mask, is_causal = None, self.causal
         if attention_mask is not None and attention_mask.dim() == 2:
             if bool((attention_mask == 0).any()):

@@ -1,46 +1,43 @@
-"""The one generation loop: Dream's `diffusion_generate`, step for step as the published sampler.
+"""The one generation loop as a step machine: Dream's `diffusion_generate`, step for step as the published sampler.
 
 Vocabulary: `x` the canvas (B, N) of ids where `mask_token_id` marks slots still to fill; `logits` (B, N, V) already
-shifted so that position j is scored by the model's output at j - 1. Each step runs one forward pass over the whole
-canvas and commits some masked slots; every consumer (CLI, benches, infilling) calls this function.
+shifted so that position j is scored by the model's output at j - 1.
+
+`plan()` checks a request and builds its `DecodeState` (canvas, schedule position, block, cache, generator,
+options). Each step, `advance()` runs ONE model forward for every state that has no cache (left-padded to a common
+canvas, with per-row attention and positions) and hands each state the logits of its own masked slots;
+`DecodeState.step` commits tokens from them. A state reads only its own rows and draws only from its own generator,
+so a request gives the same tokens alone or in any batch, and states may join or leave between steps.
+`diffusion_generate` is plan -> advance until done, with a single state; every consumer (CLI, benches, infilling,
+solvers, the server) goes through it or through `advance`.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from enum import Enum
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from dreamlm.errors import DreamError
 from dreamlm.model import KVCache, padding_attention, padding_positions
+from dreamlm.sampling.options import Alg, CacheMode, SamplerOptions
 
 if TYPE_CHECKING:
     from dreamlm.model import DreamModel
 
+__all__ = ["Alg", "CacheMode", "Constraints", "DecodeState", "DreamGenerationOutput", "SamplerOptions", "advance",
+           "compiled", "diffusion_generate", "plan", "sample_tokens", "shift_logits"]
+
 TokensHook = Callable[[int | None, torch.Tensor, torch.Tensor | None], torch.Tensor]
 LogitsHook = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 DEFAULT_NEW_TOKENS = 20  # HF's default max_length, counted past the prompt as Dream does
-
-
-class Alg(str, Enum):
-    """How a step chooses which masked slots to commit."""
-
-    ORIGIN = "origin"  # each slot independently with probability 1 - s/t (ancestral, random order)
-    MASKGIT_PLUS = "maskgit_plus"  # top-k by p(x0)
-    TOPK_MARGIN = "topk_margin"  # top-k by p(1st) - p(2nd)
-    ENTROPY = "entropy"  # top-k by negative entropy
-
-    @classmethod
-    def parse(cls, alg: "str | Alg") -> "Alg":
-        """An Alg from its name, with a clear error for unknown names."""
-        try:
-            return cls(alg)
-        except ValueError:
-            raise DreamError(f"unknown alg {alg!r}; choose one of {', '.join(a.value for a in cls)}") from None
+COMPILE_BUCKET = 64  # compiled forwards run on canvases rounded up to a multiple of this (and batches to a power of 2)
+COMPILE_GRAPHS = 64  # distinct compiled shapes allowed per model before an error (never a silent eager fallback)
 
 
 @dataclass
@@ -109,41 +106,59 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 0.0, top_p: float |
     return confidence, x0
 
 
-@dataclass
-class GenerationPlan:
-    """Checked settings and the prepared canvas, attention and positions for one call."""
-
-    x: torch.Tensor
-    attention: torch.Tensor | None
-    position_ids: torch.Tensor | None
-    alg: Alg
-    mask_token_id: int
+def threshold_scale(alg: Alg, confidence: torch.Tensor) -> torch.Tensor:
+    """A confidence on the (0, 1] scale `threshold` is compared with: exp(-entropy) for entropy, else as is."""
+    return confidence.exp() if alg is Alg.ENTROPY else confidence
 
 
-def _check_settings(steps: int, eps: float, temperature: float, top_p: float | None, top_k: int | None,
-                    alg_temp: float | None, num_return_sequences: int) -> None:
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise DreamError(f"steps must be an integer >= 1, got {steps!r}")
-    if not (isinstance(eps, (int, float)) and 0 < eps < 1):
-        raise DreamError(f"eps must be in (0, 1), got {eps!r}")
-    if not (isinstance(temperature, (int, float)) and temperature >= 0 and math.isfinite(temperature)):
-        raise DreamError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise DreamError(f"top_p must be in (0, 1], got {top_p!r}")
-    if top_k is not None and not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 1):
-        raise DreamError(f"top_k must be an integer >= 1, got {top_k!r}")
-    if alg_temp is not None and not (isinstance(alg_temp, (int, float)) and alg_temp >= 0 and math.isfinite(alg_temp)):
-        raise DreamError(f"alg_temp must be a finite number >= 0, got {alg_temp!r}")
-    if not (isinstance(num_return_sequences, int) and num_return_sequences >= 1):
-        raise DreamError(f"num_return_sequences must be an integer >= 1, got {num_return_sequences!r}")
+def _check_ids(name: str, ids: "list[int] | torch.Tensor", vocab: int) -> None:
+    values = ids.flatten().tolist() if isinstance(ids, torch.Tensor) else list(ids)
+    bad = [v for v in values if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < vocab]
+    if bad:
+        raise DreamError(f"{name} holds {bad[0]!r}, which is not a token id of this model (0..{vocab - 1})")
 
 
-def plan_generation(model: "DreamModel", input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                    max_new_tokens: int | None, max_length: int | None, alg: "str | Alg",
-                    num_return_sequences: int, constraints: Constraints | None) -> GenerationPlan:
-    """Validate the prompt and lengths, then build the canvas: prompt + masks (Dream's padding rules)."""
-    alg = Alg.parse(alg)
-    mask_id = model.config.mask_token_id
+def _positive_int(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise DreamError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _canvas_length(prompt_len: int, max_new_tokens: int | None, max_length: int | None, context: int) -> int:
+    if max_new_tokens is not None:
+        return prompt_len + _positive_int("max_new_tokens", max_new_tokens)
+    if max_length is not None:
+        return _positive_int("max_length", max_length)
+    return min(prompt_len + DEFAULT_NEW_TOKENS, context)
+
+
+def _generator(device: torch.device, generator: torch.Generator | None, seed: int | None) -> torch.Generator | None:
+    if seed is not None and generator is not None:
+        raise DreamError("give seed or generator, not both (seed makes a fresh generator)")
+    if seed is not None:
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+            raise DreamError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+        return torch.Generator(device=device).manual_seed(seed)
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise DreamError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        gen_device = torch.device(generator.device)
+        if gen_device.type != device.type or (gen_device.index or 0) != (device.index or 0):
+            raise DreamError(f"the generator is on {gen_device} but the model on {device}; "
+                             f"make it with torch.Generator(device='{device}')")
+    return generator
+
+
+def plan(model: "DreamModel", input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+         max_new_tokens: int | None = None, max_length: int | None = None,
+         options: SamplerOptions | None = None, num_return_sequences: int = 1,
+         constraints: Constraints | None = None, generator: torch.Generator | None = None, seed: int | None = None,
+         tokens_hook: TokensHook | None = None, logits_hook: LogitsHook | None = None,
+         output_history: bool = False) -> "DecodeState":
+    """Check one request and build its decoding state: prompt + masks on a canvas (Dream's padding rules)."""
+    options = options or SamplerOptions()
+    config = model.config
+    mask_id, vocab = config.mask_token_id, config.vocab_size
     if mask_id is None:
         raise DreamError("the model config has no mask_token_id; it is not a diffusion checkpoint (convert it first)")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
@@ -151,17 +166,18 @@ def plan_generation(model: "DreamModel", input_ids: torch.Tensor, attention_mask
     B, prompt_len = input_ids.shape
     if B == 0 or prompt_len == 0:
         raise DreamError("the prompt is empty; give at least one token")
-    context = model.config.context_length
-    if max_new_tokens is not None:
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise DreamError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        N = prompt_len + max_new_tokens
-    elif max_length is not None:
-        if not isinstance(max_length, int) or max_length < 1:
-            raise DreamError(f"max_length must be an integer >= 1, got {max_length!r}")
-        N = max_length
-    else:
-        N = min(prompt_len + DEFAULT_NEW_TOKENS, context)
+    if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
+        _check_ids("input_ids", input_ids, vocab)
+    _positive_int("num_return_sequences", num_return_sequences)
+    for name, hook in (("generation_tokens_hook_func", tokens_hook), ("generation_logits_hook_func", logits_hook)):
+        if hook is not None and not callable(hook):
+            raise DreamError(f"{name} must be a function, got {type(hook).__name__}")
+    if logits_hook is not None and options.cache is not CacheMode.NONE:
+        raise DreamError("a logits hook needs the full canvas's logits; use cache='none'")
+    if options.stop_at_eos and config.eos_token_id is None:
+        raise DreamError("stop_at_eos needs an eos_token_id in the model config")
+    context = config.context_length
+    N = _canvas_length(prompt_len, max_new_tokens, max_length, context)
     # a prompt that fills the canvas is fine when it holds masks itself (infilling): there is work to do
     if prompt_len > N or (prompt_len == N and not bool((input_ids == mask_id).any())):
         raise DreamError(f"the prompt has {prompt_len} tokens, which leaves no room in a canvas of {N}; "
@@ -169,67 +185,270 @@ def plan_generation(model: "DreamModel", input_ids: torch.Tensor, attention_mask
     if N > context:
         raise DreamError(f"prompt ({prompt_len} tokens) + output needs {N} tokens, more than the model's "
                          f"context of {context}")
-    if attention_mask is not None and attention_mask.shape != input_ids.shape:
-        raise DreamError(f"attention_mask has shape {list(attention_mask.shape)}, input_ids {list(input_ids.shape)}")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+            shape = list(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
+            raise DreamError(f"attention_mask has shape {shape}, input_ids {list(input_ids.shape)}")
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise DreamError("attention_mask must hold only 0 (padding) and 1 (token)")
     device = model.device
+    generator = _generator(device, generator, seed)
     input_ids = input_ids.to(device).repeat_interleave(num_return_sequences, dim=0)
     x = F.pad(input_ids, (0, N - prompt_len), value=mask_id)
-    attention = position_ids = None
-    if attention_mask is not None:
-        attention_mask = attention_mask.to(device).repeat_interleave(num_return_sequences, dim=0)
+    pad_mask = None
     if attention_mask is not None and bool((attention_mask == 0).any()):
-        full = F.pad(attention_mask, (0, N - prompt_len), value=1)
-        position_ids = padding_positions(full)
-        attention = padding_attention(full, model.causal)
-        first_real = full.long().argmax(dim=1)
-    else:
-        first_real = torch.zeros(x.shape[0], dtype=torch.long, device=device)
+        pad_mask = F.pad(attention_mask.to(device).long().repeat_interleave(num_return_sequences, dim=0),
+                         (0, N - prompt_len), value=1)
+    banned = None
     if constraints is not None:
         for pos, token in constraints.pinned.items():
-            if not 0 <= pos < N:
-                raise DreamError(f"pinned position {pos} is outside the canvas of {N} tokens")
+            if not isinstance(pos, int) or isinstance(pos, bool) or not 0 <= pos < N:
+                raise DreamError(f"pinned position {pos!r} is outside the canvas of {N} tokens")
+            _check_ids(f"pinned position {pos}", [token], vocab)
+            if token == mask_id:
+                raise DreamError(f"pinned position {pos} holds the mask id; pin real tokens only")
             x[:, pos] = token
+        if constraints.banned_token_ids:
+            _check_ids("banned_token_ids", constraints.banned_token_ids, vocab)
+            banned = torch.tensor(sorted(set(constraints.banned_token_ids)), device=device)
+    first_real = pad_mask.argmax(dim=1) if pad_mask is not None else torch.zeros(x.shape[0], dtype=torch.long,
+                                                                                     device=device)
     if bool((x.gather(1, first_real[:, None]) == mask_id).any()):
         raise DreamError("the first token of a sequence must not be a mask (it can never be predicted); "
                          "start the prompt with a real token such as BOS")
-    return GenerationPlan(x, attention, position_ids, alg, mask_id)
+    return DecodeState(model, x, pad_mask, options, generator, banned, tokens_hook, logits_hook, output_history)
 
 
-class CacheMode(str, Enum):
-    """Key/value reuse inside a block (Fast-dLLM): none, the finished prefix, or prefix and suffix ("dual")."""
+def _blocks(region: int, N: int, options: SamplerOptions) -> tuple[list[tuple[int, int]], int]:
+    """(lo, hi) ranges of the canvas decoded one after the other, and the steps each gets."""
+    if options.block_length is None:
+        return [(region, N)], options.steps
+    blocks = [(lo, min(lo + options.block_length, N)) for lo in range(region, N, options.block_length)]
+    blocks = blocks or [(region, N)]
+    if options.steps % len(blocks):
+        raise DreamError(f"steps ({options.steps}) must be a multiple of the number of blocks ({len(blocks)}); "
+                         "change steps or block_length")
+    return blocks, options.steps // len(blocks)
 
-    NONE = "none"
-    PREFIX = "prefix"
-    DUAL = "dual"
 
+class DecodeState:
+    """One request's decoding state: canvas, schedule position, block, cache, generator, options and hooks.
 
-@dataclass
-class FastOptions:
-    """Speed options of the one loop; all off reproduces Dream's sampler exactly."""
+    Each step: `prepare()` names the masked slots the step scores (None once done), the caller computes their
+    logits (`advance` does, batched with other states), and `step(logits)` commits tokens. Built by `plan()`.
+    """
 
-    block_length: int | None = None  # semi-autoregressive blocks over the generated region
-    cache: CacheMode = CacheMode.NONE  # reuse keys/values computed at the block's first step
-    refresh_every: int | None = None  # also refresh the cache every k steps inside a block
-    threshold: float | None = None  # commit every masked slot with p(x0) >= threshold (at least one per step)
-    stop_at_eos: bool = False  # stop once each row's text up to its first EOS is complete
-
-    def __post_init__(self) -> None:
-        try:
-            self.cache = CacheMode(self.cache)
-        except ValueError:
-            raise DreamError(f"unknown cache {self.cache!r}; choose none, prefix or dual") from None
-        if self.block_length is not None and (not isinstance(self.block_length, int) or self.block_length < 1):
-            raise DreamError(f"block_length must be an integer >= 1, got {self.block_length!r}")
-        if self.threshold is not None and not (isinstance(self.threshold, (int, float)) and 0 < self.threshold <= 1):
-            raise DreamError(f"threshold must be in (0, 1], got {self.threshold!r}")
-        if self.refresh_every is not None and (not isinstance(self.refresh_every, int) or self.refresh_every < 1):
-            raise DreamError(f"refresh_every must be an integer >= 1, got {self.refresh_every!r}")
+    def __init__(self, model: "DreamModel", x: torch.Tensor, pad_mask: torch.Tensor | None, options: SamplerOptions,
+                 generator: torch.Generator | None, banned: torch.Tensor | None, tokens_hook: TokensHook | None,
+                 logits_hook: LogitsHook | None, output_history: bool) -> None:
+        config = model.config
+        self.options = options
+        self.mask_id, self.eos_id = config.mask_token_id, config.eos_token_id
+        self.generator, self.banned = generator, banned
+        self.tokens_hook, self.logits_hook = tokens_hook, logits_hook
+        self.pad_mask = pad_mask  # (B, N) 0/1 when the prompt is left-padded, else None
+        self.attention = self.position_ids = None
+        if pad_mask is not None:
+            self.position_ids = padding_positions(pad_mask)
+            self.attention = padding_attention(pad_mask, model.causal)
+        self.x = x
+        if tokens_hook is not None:
+            self.x = self._checked_canvas(tokens_hook(None, x, None))
+        self.slots = self.x == self.mask_id  # the canvas positions this request fills
+        masked_cols = self.slots.any(dim=0).nonzero()
+        region = int(masked_cols[0]) if len(masked_cols) else x.shape[1]
+        self.blocks, self.steps_per_block = _blocks(region, x.shape[1], options)
+        ts = torch.linspace(1, options.eps, self.steps_per_block + 1, device=x.device)
+        self.ts = ts
+        self.ratios = (1 - ts[1:] / ts[:-1]).cpu().numpy()  # float32, exactly Dream's 1 - s/t per step
+        self.kv = KVCache(len(model.model.layers)) if options.cache is not CacheMode.NONE else None
+        self.history: list[torch.Tensor] | None = [] if output_history else None
+        self.block = self.i = self.step_index = self.passes = 0
+        self.done = False
+        self._mask_index: torch.Tensor | None = None
+        self._targets: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
-    def vanilla(self) -> bool:
-        """True when nothing departs from Dream's loop."""
-        return (self.block_length is None and self.cache is CacheMode.NONE and self.threshold is None
-                and not self.stop_at_eos)
+    def wants_full_logits(self) -> bool:
+        """True when a hook needs the whole shifted (B, N, V) logits, not only the masked slots' rows."""
+        return self.kv is None and (self.tokens_hook is not None or self.logits_hook is not None)
+
+    @property
+    def needs_forward(self) -> bool:
+        """True when the prepared step has slots to score or a hook that reads logits (Dream always forwards)."""
+        return self._targets is not None and (len(self._targets[0]) > 0 or self.wants_full_logits)
+
+    def prepare(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows, cols) of the masked slots this step scores, in row-major order; None once the state is done.
+
+        Vanilla decoding scores every mask on the canvas for exactly `steps` steps, as Dream. With any fast option
+        only the active block's masks count, and a block with none left ends (the next one starts at once).
+        """
+        while not self.done:
+            mask_index = self.x == self.mask_id
+            if not self.options.vanilla:
+                lo, hi = self.blocks[self.block]
+                mask_index[:, :lo] = False
+                mask_index[:, hi:] = False
+            rows, cols = mask_index.nonzero(as_tuple=True)
+            if len(rows) or self.options.vanilla:
+                self._mask_index, self._targets = mask_index, (rows, cols)
+                return self._targets
+            self._next_block()
+        self._targets = None
+        return None
+
+    def cached_logits(self, model: "DreamModel") -> torch.Tensor:
+        """The masked slots' logits (M, V) from this state's own forward with its key/value cache: a full pass at a
+        block's first step (and every `refresh_every`), else only the block (and, for "prefix", what follows)."""
+        rows, cols = self._targets
+        refresh_every = self.options.refresh_every
+        if self.i == 0 or (refresh_every is not None and self.i % refresh_every == 0):
+            return model(self.x, self.attention, self.position_ids, select=(rows, (cols - 1).clamp(min=0)),
+                         cache=self.kv)
+        lo, hi = self.blocks[self.block]
+        start = lo - 1  # the output at lo - 1 scores the block's first slot
+        stop = self.x.shape[1] if self.options.cache is CacheMode.PREFIX else hi
+        return model(self.x[:, start:stop], self.attention, self.position_ids, select=(rows, cols - 1 - start),
+                     cache=self.kv, start=start)
+
+    def step(self, logits: torch.Tensor | None) -> None:
+        """Commit this step's tokens. `logits`: the masked slots' rows (M, V) in `prepare()`'s order, or the whole
+        shifted (B, N, V) when `wants_full_logits`, or None when there was nothing to score."""
+        rows, cols = self._targets
+        full = None
+        if self.wants_full_logits:
+            full = logits
+            if self.logits_hook is not None:
+                full = self.logits_hook(self.step_index, self.x, full)
+                if not isinstance(full, torch.Tensor) or full.shape != logits.shape:
+                    raise DreamError("generation_logits_hook_func must return the logits it was given, "
+                                     f"a tensor of shape {list(logits.shape)}")
+            logits = full[rows, cols]
+        if logits is not None and len(rows):
+            if self.banned is not None:
+                logits = logits.index_fill(-1, self.banned, float("-inf"))
+            self._commit(rows, cols, logits)
+        if self.tokens_hook is not None:
+            self.x = self._checked_canvas(self.tokens_hook(self.step_index, self.x, full))
+        if self.history is not None:
+            self.history.append(self.x.clone())
+        self.step_index += 1
+        self.i += 1
+        if self.options.stop_at_eos and self._finish_at_eos():
+            self.done = True
+        elif self.i == self.steps_per_block:
+            self._next_block()
+
+    def output(self, return_dict: bool) -> "torch.Tensor | DreamGenerationOutput":
+        """The canvas (B, N), or a DreamGenerationOutput with history and forward passes."""
+        if return_dict:
+            return DreamGenerationOutput(sequences=self.x, history=self.history, forward_passes=self.passes)
+        return self.x
+
+    # ---- internals --------------------------------------------------------------------------------------------
+    def _next_block(self) -> None:
+        self.block += 1
+        self.i = 0
+        self.done = self.block == len(self.blocks)
+
+    def _checked_canvas(self, x: object) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.shape != self.x.shape or x.dtype != torch.long:
+            raise DreamError("generation_tokens_hook_func must return the canvas, a torch.long tensor of shape "
+                             f"{list(self.x.shape)}; got {type(x).__name__ if not isinstance(x, torch.Tensor) else list(x.shape)}")
+        return x
+
+    def _commit(self, rows: torch.Tensor, cols: torch.Tensor, logits: torch.Tensor) -> None:
+        o = self.options
+        last = self.i == self.steps_per_block - 1
+        if o.alg is Alg.ORIGIN:
+            # Dream's ancestral step: each slot independently with probability 1 - s/t (1 on the last step)
+            t, s = self.ts[self.i], self.ts[self.i + 1]
+            p_transfer = 1 - s / t if not last else 1
+            x0 = torch.full((len(rows),), self.mask_id, dtype=torch.long, device=self.x.device)
+            transfer = torch.rand(x0.shape, device=self.x.device, generator=self.generator) < p_transfer
+            if bool(transfer.any()):
+                _, x0[transfer] = sample_tokens(logits[transfer], o.temperature, o.top_p, o.top_k, o.alg,
+                                                self.generator)
+            self.x[rows, cols] = x0
+            return
+        confidence, x0 = sample_tokens(logits, o.temperature, o.top_p, o.top_k, o.alg, self.generator)
+        B = self.x.shape[0]
+        counts = torch.bincount(rows, minlength=B).tolist()
+        # k = floor(masked * (1 - s/t)) in float32 as Dream computes it, but per row: a row with more masks than
+        # the batch mean still finishes on the last step (Dream uses the mean and would leave masks)
+        ratio = self.ratios[self.i]
+        ks = counts if last else [int(np.float32(c) * ratio) for c in counts]
+        above = None
+        if o.threshold is not None:
+            above = threshold_scale(o.alg, confidence) >= o.threshold
+            above_counts = torch.bincount(rows[above], minlength=B).tolist()
+            ks = [max(k, a, 1 if c else 0) for k, a, c in zip(ks, above_counts, counts)]
+        if max(ks) > 0:
+            _commit_top(self.x, self._mask_index, rows, cols, confidence, x0, ks, o.alg_temp, self.generator,
+                        self.mask_id, above)
+
+    def _finish_at_eos(self) -> bool:
+        """When every row has an EOS in its slots with no mask before it: EOS into every slot after it."""
+        eos_slots = (self.x == self.eos_id) & self.slots
+        if not bool(eos_slots.any(dim=1).all()):
+            return False
+        columns = torch.arange(self.x.shape[1], device=self.x.device)
+        first = eos_slots.int().argmax(dim=1, keepdim=True)  # (B, 1)
+        if bool(((self.x == self.mask_id) & self.slots & (columns < first)).any()):
+            return False
+        self.x[self.slots & (columns > first)] = self.eos_id
+        return True
+
+
+def _commit_top(x: torch.Tensor, mask_index: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                confidence: torch.Tensor, x0: torch.Tensor, ks: list[int], alg_temp: float | None,
+                generator: torch.Generator | None, mask_id: int, forced: torch.Tensor | None) -> None:
+    """Write x0 into ks[r] masked slots of each row r: the most confident (top-k), or drawn from
+    softmax(confidence / alg_temp) without replacement; `forced` slots (above a threshold) always among them.
+    Committed tokens are never overwritten."""
+    B, kmax = x.shape[0], max(ks)
+    full_confidence = torch.full(x.shape, -torch.inf, dtype=confidence.dtype, device=x.device)
+    full_confidence[rows, cols] = confidence
+    proposal = torch.full_like(x, mask_id)
+    proposal[rows, cols] = x0
+    uniform = min(ks) == kmax
+    if alg_temp:
+        weights = F.softmax(full_confidence / alg_temp, dim=-1)
+        if uniform and forced is None and int((weights > 0).sum(dim=-1).min()) >= kmax:
+            chosen = torch.multinomial(weights, kmax, generator=generator)  # Dream's draw
+        else:
+            _commit_drawn(x, proposal, weights, rows, cols, ks, forced, generator)
+            return
+    else:
+        chosen = torch.topk(full_confidence, kmax).indices  # (B, kmax); ties resolve as torch.topk does
+    r = torch.arange(B, device=x.device)[:, None].expand_as(chosen)
+    write = mask_index[r, chosen]
+    if not uniform:
+        write &= torch.arange(kmax, device=x.device)[None] < torch.tensor(ks, device=x.device)[:, None]
+    x[r, chosen] = torch.where(write, proposal[r, chosen], x[r, chosen])
+
+
+def _commit_drawn(x: torch.Tensor, proposal: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor,
+                  cols: torch.Tensor, ks: list[int], forced: torch.Tensor | None,
+                  generator: torch.Generator | None) -> None:
+    """Row by row: the forced slots, then the rest drawn from `weights` without replacement; slots whose weight
+    underflowed to 0 are taken in confidence order after the drawable ones run out."""
+    for r, k in enumerate(ks):
+        if k == 0:
+            continue
+        picked = cols[(rows == r) & forced] if forced is not None else cols[:0]
+        w = weights[r].clone()
+        w[picked] = 0
+        need = k - len(picked)
+        drawable = int((w > 0).sum())
+        if need > 0 and drawable:
+            picked = torch.cat([picked, torch.multinomial(w, min(need, drawable), generator=generator)])
+        if len(picked) < k:  # only zero-weight slots remain: most confident first, as top-k would
+            rest = cols[rows == r]
+            rest = rest[~torch.isin(rest, picked)]
+            picked = torch.cat([picked, rest[: k - len(picked)]])
+        x[r, picked] = proposal[r, picked]
 
 
 def compiled(model: "DreamModel", backend: "bool | str | Callable" = True) -> Callable:
@@ -247,29 +466,105 @@ def compiled(model: "DreamModel", backend: "bool | str | Callable" = True) -> Ca
     return per_model[key]
 
 
-def _blocks(x: torch.Tensor, mask_id: int, fast: FastOptions, steps: int) -> tuple[list[tuple[int, int]], int]:
-    """(lo, hi) ranges of the canvas decoded one after the other, and the steps each gets."""
-    N = x.shape[1]
-    masked_cols = (x == mask_id).any(dim=0).nonzero()
-    region = int(masked_cols[0]) if len(masked_cols) else N
-    if fast.block_length is None:
-        return [(region, N)], steps
-    blocks = [(lo, min(lo + fast.block_length, N)) for lo in range(region, N, fast.block_length)] or [(region, N)]
-    if fast.threshold is None and steps % len(blocks):
-        raise DreamError(f"steps ({steps}) must be a multiple of the number of blocks ({len(blocks)}); "
-                         "change steps or block_length")
-    return blocks, steps // len(blocks) if fast.threshold is None else fast.block_length
+def _dynamo_limits() -> "object":
+    """Within compiled calls: a generous recompile limit that fails loudly instead of falling back to eager."""
+    import torch._dynamo.config as dynamo_config
+
+    wanted = {"recompile_limit": COMPILE_GRAPHS, "cache_size_limit": COMPILE_GRAPHS,
+              "fail_on_recompile_limit_hit": True}
+    present = {k: v for k, v in wanted.items() if hasattr(dynamo_config, k)}
+    return dynamo_config.patch(**present) if present else nullcontext()
 
 
-def _finished(x: torch.Tensor, mask_id: int, eos_id: int, region: int) -> bool:
-    """True when every row has an EOS in the generated region with no mask before it."""
-    gen = x[:, region:]
-    is_eos = gen == eos_id
-    if not bool(is_eos.any(dim=1).all()):
-        return False
-    first = is_eos.int().argmax(dim=1)  # (B,)
-    before = torch.arange(gen.shape[1], device=x.device)[None] < first[:, None]
-    return not bool(((gen == mask_id) & before).any())
+def bucket_shape(rows: int, length: int, context: int) -> tuple[int, int]:
+    """The (batch, canvas) a compiled forward runs at: batch rounded up to a power of two, canvas to a multiple of
+    COMPILE_BUCKET (never past the context), so a few graphs serve every request."""
+    padded = -(-length // COMPILE_BUCKET) * COMPILE_BUCKET
+    return 1 << (rows - 1).bit_length(), max(length, min(padded, context))
+
+
+def _shared_forward(model: "DreamModel", states: Sequence[DecodeState],
+                    compile: "bool | str | Callable") -> list[torch.Tensor]:  # noqa: A002
+    """One forward for all the states: each state's canvas left-padded to a common length (pads attend to
+    nothing real), rows stacked; returns each state's masked-slot logits (M, V), or its shifted (B, N, V)."""
+    rows = [s.x.shape[0] for s in states]
+    lengths = [s.x.shape[1] for s in states]
+    R, N = sum(rows), max(lengths)
+    if compile:
+        R, N = bucket_shape(R, N, model.config.context_length)
+    full = bool(compile) or any(s.wants_full_logits for s in states)
+    if len(states) == 1 and (R, N) == (rows[0], lengths[0]) and not compile:
+        s = states[0]
+        x, attention, positions = s.x, s.attention, s.position_ids
+    else:
+        device = states[0].x.device
+        x = torch.zeros((R, N), dtype=torch.long, device=device)
+        keep = torch.zeros((R, N), dtype=torch.long, device=device)
+        top = 0
+        for s, b, n in zip(states, rows, lengths):
+            x[top:top + b, N - n:] = s.x
+            keep[top:top + b, N - n:] = 1 if s.pad_mask is None else s.pad_mask
+            top += b
+        attention, positions = padding_attention(keep, model.causal), padding_positions(keep)
+    select = None
+    if not full:
+        targets = [s._targets for s in states]
+        offsets = np.cumsum([0] + rows[:-1]).tolist()
+        select = (torch.cat([b + top for (b, _), top in zip(targets, offsets)]),
+                  torch.cat([(j - 1).clamp(min=0) + N - n for (_, j), n in zip(targets, lengths)]))
+    if compile:
+        with _dynamo_limits():
+            try:
+                out = compiled(model, compile)(x, attention, positions)
+            except torch._dynamo.exc.FailOnRecompileLimitHit as exc:
+                raise DreamError(f"compile: more than {COMPILE_GRAPHS} distinct shapes for this model; "
+                                 "run without compile") from exc
+    else:
+        out = model(x, attention, positions, select=select)
+    results, top, offset = [], 0, 0
+    for s, b, n in zip(states, rows, lengths):
+        if full:
+            own = shift_logits(out[top:top + b, N - n:])
+            results.append(own if s.wants_full_logits else own[s._targets])
+        else:
+            m = len(s._targets[0])
+            results.append(out[offset:offset + m])
+            offset += m
+        top += b
+    return results
+
+
+def advance(model: "DreamModel", states: Sequence[DecodeState],
+            compile: "bool | str | Callable" = False) -> None:  # noqa: A002
+    """One step of every unfinished state: those without a cache share ONE model forward (the ones with a cache
+    run their own, since their spans differ); each then commits from the logits of its own masked slots."""
+    shared = []
+    for state in states:
+        if state.prepare() is None:
+            continue
+        if state.kv is not None:
+            logits = state.cached_logits(model)
+            state.passes += 1
+            state.step(logits)
+        elif state.needs_forward:
+            shared.append(state)
+        else:
+            state.step(None)  # nothing masked and no hook: Dream's step would change nothing
+    if shared:
+        for state, logits in zip(shared, _shared_forward(model, shared, compile)):
+            state.passes += 1
+            state.step(logits)
+
+
+def check_compile(compile: "bool | str | Callable", options: SamplerOptions) -> None:  # noqa: A002
+    """Refuse compile settings that cannot work, before any work is done."""
+    if compile is False or compile is None:
+        return
+    if not (compile is True or isinstance(compile, str) or callable(compile)):
+        raise DreamError(f"compile must be True, a torch.compile backend name or a backend callable, got {compile!r}")
+    if options.cache is not CacheMode.NONE:
+        raise DreamError("compile runs static full-canvas forwards; use it with cache='none' "
+                         "(block_length, threshold and stop_at_eos are fine)")
 
 
 @torch.no_grad()
@@ -303,148 +598,19 @@ def diffusion_generate(
 ) -> "torch.Tensor | DreamGenerationOutput":
     """Dream's masked-diffusion sampler (spec §2); returns ids (B, N) or a DreamGenerationOutput.
 
-    Beyond Dream: `generator`/`seed` make the random draws reproducible (default: torch's global RNG, as Dream);
-    `constraints` pins canvas positions and bans ids. Speed options (all off = Dream): `block_length` decodes the
-    generated region in blocks (steps split evenly); `cache` ("prefix"/"dual") reuses keys/values from each block's
-    first step (and every `refresh_every` steps); `threshold` commits every slot of the block with p(x0) >= it, at
-    least one per step (steps then only bound each block); `stop_at_eos` ends once each row's text up to its first
-    EOS is complete and fills the rest with EOS (the text cut at the first EOS is unchanged). `compile=True` (or a
-    torch.compile backend name/callable) runs every forward through `torch.compile(model, dynamic=False)` on the
-    full canvas: shapes are static, so it compiles once per (batch, canvas length) and is reused across calls; it
+    Beyond Dream: `generator` or `seed` make the random draws reproducible (default: torch's global RNG, as Dream);
+    `constraints` pins canvas positions and bans ids. Fast options (all off = Dream; see `SamplerOptions`):
+    `block_length`, `cache` ("prefix"/"dual") with `refresh_every`, `threshold`, `stop_at_eos`. `compile=True` (or
+    a torch.compile backend name/callable) runs every forward through `torch.compile(model, dynamic=False)` on the
+    full canvas, batch and canvas rounded up to buckets (masked padding) so a few graphs serve every request; it
     combines with block_length, threshold and stop_at_eos but not with cache (cached spans change shape).
     """
-    _check_settings(steps, eps, temperature, top_p, top_k, alg_temp, num_return_sequences)
-    fast = FastOptions(block_length, cache, refresh_every, threshold, stop_at_eos)
-    if fast.cache is not CacheMode.NONE and generation_logits_hook_func is not None:
-        raise DreamError("a logits hook needs the full canvas's logits; use cache='none'")
-    plan = plan_generation(model, input_ids, attention_mask, max_new_tokens, max_length, alg, num_return_sequences,
-                           constraints)
-    x, alg, mask_id = plan.x, plan.alg, plan.mask_token_id
-    forward, position_ids = model, plan.position_ids
-    if compile:
-        if fast.cache is not CacheMode.NONE:
-            raise DreamError("compile runs static full-canvas forwards; use it with cache='none' "
-                             "(block_length, threshold and stop_at_eos are fine)")
-        forward = compiled(model, compile)
-        if position_ids is None:  # explicit positions: the forward then has no data-dependent branch
-            position_ids = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
-    eos_id = model.config.eos_token_id
-    if fast.stop_at_eos and eos_id is None:
-        raise DreamError("stop_at_eos needs an eos_token_id in the model config")
-    if seed is not None:
-        generator = torch.Generator(device=x.device).manual_seed(seed)
-    banned = None
-    if constraints is not None and constraints.banned_token_ids:
-        banned = torch.tensor(sorted(set(constraints.banned_token_ids)), device=x.device)
-    histories: list[torch.Tensor] | None = [] if (return_dict_in_generate and output_history) else None
-    if generation_tokens_hook_func is not None:
-        x = generation_tokens_hook_func(None, x, None)
-    blocks, steps_per_block = _blocks(x, mask_id, fast, steps)
-    region = blocks[0][0]
-    kv = KVCache(len(model.model.layers)) if fast.cache is not CacheMode.NONE else None
-    rows = torch.arange(x.shape[0], device=x.device)
-    columns = torch.arange(x.shape[1], device=x.device)
-    step = passes = 0
-    done = False
-    for lo, hi in blocks:
-        in_block = (columns >= lo) & (columns < hi)
-        timesteps = torch.linspace(1, eps, steps_per_block + 1, device=x.device)
-        for i in range(steps_per_block):
-            mask_index = x == mask_id  # (B, N)
-            if not fast.vanilla:
-                mask_index &= in_block
-                if not bool(mask_index.any()):
-                    break  # this block is complete (Dream's own loop would spend its steps regardless)
-            b, j = mask_index.nonzero(as_tuple=True)
-            refresh = kv is None or i == 0 or (fast.refresh_every is not None and i % fast.refresh_every == 0)
-            logits = None
-            if refresh:
-                raw = forward(x, plan.attention, position_ids, cache=kv)  # (B, N, V), unshifted
-                if generation_logits_hook_func is not None or (generation_tokens_hook_func is not None and kv is None):
-                    logits = shift_logits(raw)
-                    if generation_logits_hook_func is not None:
-                        logits = generation_logits_hook_func(step, x, logits)
-                    mask_logits = logits[mask_index]  # (M, V)
-                else:
-                    # no hook needs the whole shifted tensor: read the masked rows straight from raw (no copy)
-                    mask_logits = raw[b, (j - 1).clamp(min=0)]
-            else:
-                # recompute only from the position before the block (its output scores the block's first slot)
-                start = lo - 1
-                stop = x.shape[1] if fast.cache is CacheMode.PREFIX else hi
-                mask_logits = model(x[:, start:stop], plan.attention, plan.position_ids, select=(b, j - 1 - start),
-                                    cache=kv, start=start)
-            passes += 1
-            if banned is not None:
-                mask_logits = mask_logits.index_fill(-1, banned, float("-inf"))
-            if fast.threshold is not None:
-                _commit_above_threshold(x, mask_index, mask_logits, fast.threshold, temperature, top_p, top_k,
-                                        generator)
-            else:
-                _commit_scheduled(x, mask_id, mask_index, mask_logits, timesteps[i], timesteps[i + 1],
-                                  i == steps_per_block - 1,
-                                  alg, temperature, top_p, top_k, alg_temp, generator, rows)
-            if generation_tokens_hook_func is not None:
-                x = generation_tokens_hook_func(step, x, logits)
-            if histories is not None:
-                histories.append(x.clone())
-            step += 1
-            if fast.stop_at_eos and _finished(x, mask_id, eos_id, region):
-                x[:, region:] = torch.where(x[:, region:] == mask_id, eos_id, x[:, region:])
-                done = True
-                break
-        if done:
-            break
-    if return_dict_in_generate:
-        return DreamGenerationOutput(sequences=x, history=histories, forward_passes=passes)
-    return x
-
-
-def _commit_scheduled(x: torch.Tensor, mask_id: int, mask_index: torch.Tensor, mask_logits: torch.Tensor,
-                      t: torch.Tensor,
-                      s: torch.Tensor, last: bool, alg: Alg, temperature: float, top_p: float | None,
-                      top_k: int | None, alg_temp: float | None, generator: torch.Generator | None,
-                      rows: torch.Tensor) -> None:
-    """Dream's step: commit slots by the schedule 1 - s/t (origin: each slot at random; others: top-k)."""
-    if mask_logits.shape[0] == 0:
-        return  # nothing masked: Dream's step draws nothing and changes nothing
-    if alg is Alg.ORIGIN:
-        p_transfer = 1 - s / t if not last else 1
-        x0 = torch.full((mask_logits.shape[0],), mask_id, dtype=torch.long, device=x.device)
-        transfer = torch.rand(x0.shape, device=x.device, generator=generator) < p_transfer
-        if bool(transfer.any()):
-            _, x0[transfer] = sample_tokens(mask_logits[transfer], temperature, top_p, top_k, alg, generator)
-        x[mask_index] = x0
-        return
-    confidence, x0 = sample_tokens(mask_logits, temperature, top_p, top_k, alg, generator)
-    mean_masked = mask_index.sum() / mask_index.shape[0]
-    k = int(mean_masked * (1 - s / t)) if not last else int(mean_masked)
-    if k > 0:
-        full_confidence = torch.full(x.shape, -torch.inf, dtype=mask_logits.dtype, device=x.device)
-        full_confidence[mask_index] = confidence
-        if not alg_temp:
-            chosen = torch.topk(full_confidence, k).indices  # (B, k); ties resolve as torch.topk does
-        else:
-            chosen = torch.multinomial(F.softmax(full_confidence / alg_temp, dim=-1), k, generator=generator)
-        proposal = torch.full_like(x, mask_id)
-        proposal[mask_index] = x0
-        r = rows[:, None].expand_as(chosen)
-        # a row with fewer masks than k (uneven batches) keeps its committed tokens
-        x[r, chosen] = torch.where(mask_index[r, chosen], proposal[r, chosen], x[r, chosen])
-
-
-def _commit_above_threshold(x: torch.Tensor, mask_index: torch.Tensor, mask_logits: torch.Tensor, threshold: float,
-                            temperature: float, top_p: float | None, top_k: int | None,
-                            generator: torch.Generator | None) -> None:
-    """Parallel decoding: commit every slot whose p(x0) >= threshold, and each row's most confident slot."""
-    confidence, x0 = sample_tokens(mask_logits, temperature, top_p, top_k, Alg.MASKGIT_PLUS, generator)
-    full = torch.full(x.shape, -1.0, dtype=torch.float32, device=x.device)
-    full[mask_index] = confidence.float()
-    proposal = torch.zeros_like(x)
-    proposal[mask_index] = x0
-    commit = full >= threshold
-    best = full.argmax(dim=1)
-    has_mask = mask_index.any(dim=1)
-    commit[torch.arange(x.shape[0], device=x.device)[has_mask], best[has_mask]] = True
-    commit &= mask_index
-    x[commit] = proposal[commit]
+    options = SamplerOptions(steps, eps, temperature, top_p, top_k, alg, alg_temp, block_length, cache,
+                             refresh_every, threshold, stop_at_eos)
+    check_compile(compile, options)
+    state = plan(model, input_ids, attention_mask, max_new_tokens, max_length, options, num_return_sequences,
+                 constraints, generator, seed, generation_tokens_hook_func, generation_logits_hook_func,
+                 output_history=return_dict_in_generate and output_history)
+    while not state.done:
+        advance(model, [state], compile)
+    return state.output(return_dict_in_generate)

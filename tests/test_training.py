@@ -263,6 +263,21 @@ def test_two_processes_agree_with_one(tmp_path, corpus):
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
+def test_a_rank_with_nothing_masked_does_not_hang(tmp_path, corpus):
+    # rank 1 draws no masked token in any micro-batch; before, it skipped forward/backward and the run hung in FSDP
+    cfg = pretrain_cfg(corpus, tmp_path / "clean", "optim.batch_size=2", "optim.max_steps=2", "run.save_every=2",
+                       "run.eval_every=2")
+    toml = tmp_path / "clean.toml"
+    toml.write_text(_to_toml(cfg.to_dict()))
+    script = Path(__file__).parent / "scripts" / "train_clean_rank.py"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(toml)], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "clean" / "final" / "model.safetensors").exists()
+    logged = [json.loads(line) for line in (tmp_path / "clean" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == [1, 2]
+
+
 def _to_toml(d: dict) -> str:
     lines = []
     for section, values in d.items():

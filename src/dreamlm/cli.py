@@ -53,6 +53,12 @@ def load(model_dir: Optional[Path], dtype: Optional[str], device: Optional[str])
     return model, model.tokenizer
 
 
+def unwritable_ids(net, tok) -> list[int]:
+    """Ids the CLI never lets the sampler write: the mask itself, and ids past the tokenizer's range (Dream's head
+    is wider than its tokenizer; those ids mean nothing)."""
+    return list(range(tok.vocab_size, net.config.vocab_size)) + [net.config.mask_token_id]
+
+
 def check_number(name: str, value: Optional[float]) -> None:
     """Refuse NaN/inf before anything else looks at the value."""
     if value is not None and not math.isfinite(value):
@@ -115,11 +121,10 @@ def generate(
         text = tok.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
         ids = tok.encode(text)
         view = CanvasView(tok, net.config.mask_token_id, len(ids), steps, delay=delay) if show else None
-        # ids past the tokenizer's range can come out of Dream's wider head but mean nothing: never write them
-        banned = list(range(tok.vocab_size, net.config.vocab_size))
         try:
             x = diffusion_generate(net, torch.tensor([ids]), max_new_tokens=max_new_tokens,
-                                   generation_tokens_hook_func=view, constraints=Constraints(banned_token_ids=banned),
+                                   generation_tokens_hook_func=view,
+                                   constraints=Constraints(banned_token_ids=unwritable_ids(net, tok)),
                                    **kwargs)
         finally:
             if view is not None:
@@ -150,8 +155,7 @@ def infill(
         net, tok = load(model, dtype, device)
         kwargs = sampler_kwargs(steps or 1, eps, temperature, top_p, top_k, alg, alg_temp, seed)
         kwargs["steps"] = steps  # None: one step per masked token
-        banned = list(range(tok.vocab_size, net.config.vocab_size)) + [net.config.mask_token_id]
-        result = run_infill(net, tok, template, banned_token_ids=banned, **kwargs)
+        result = run_infill(net, tok, template, banned_token_ids=unwritable_ids(net, tok), **kwargs)
         if as_json:
             print(json.dumps({"template": template, "text": result.text, "fills": result.fills}))
         else:

@@ -22,6 +22,10 @@ if TYPE_CHECKING:
     from dreamlm.sampling.generate import DreamGenerationOutput
     from dreamlm.tokenizer import DreamTokenizer
 
+# CPU BLAS (MKL) rounds the rows of a very small matmul differently from the same rows in a larger one; from 16 rows
+# on, a row's result no longer depends on how many rows share the call. The head and the sampler's shared forward
+# keep at least this many rows so that a row's logits are the same bits alone or batched.
+MIN_MATMUL_ROWS = 16
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
@@ -276,6 +280,9 @@ class DreamModel(nn.Module):
         h = self.model.norm(h)
         if select is not None:
             h = h[select]  # (M, E)
+            M = h.shape[0]
+            if 0 < M < MIN_MATMUL_ROWS:
+                return self.lm_head(F.pad(h, (0, 0, 0, MIN_MATMUL_ROWS - M)))[:M]
         return self.lm_head(h)  # (B, L, V) or (M, V)
 
     def num_parameters(self) -> int:

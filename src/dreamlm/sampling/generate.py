@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from dreamlm.errors import DreamError
-from dreamlm.model import KVCache, padding_attention, padding_positions
+from dreamlm.model import MIN_MATMUL_ROWS, KVCache, padding_attention, padding_positions
 from dreamlm.sampling.options import Alg, CacheMode, SamplerOptions
 
 if TYPE_CHECKING:
@@ -216,7 +216,9 @@ def plan(model: "DreamModel", input_ids: torch.Tensor, attention_mask: torch.Ten
     if bool((x.gather(1, first_real[:, None]) == mask_id).any()):
         raise DreamError("the first token of a sequence must not be a mask (it can never be predicted); "
                          "start the prompt with a real token such as BOS")
-    return DecodeState(model, x, pad_mask, options, generator, banned, tokens_hook, logits_hook, output_history)
+    pinned = sorted(constraints.pinned) if constraints is not None else []
+    return DecodeState(model, x, pad_mask, options, generator, banned, tokens_hook, logits_hook, output_history,
+                       pinned)
 
 
 def _blocks(region: int, N: int, options: SamplerOptions) -> tuple[list[tuple[int, int]], int]:
@@ -240,7 +242,7 @@ class DecodeState:
 
     def __init__(self, model: "DreamModel", x: torch.Tensor, pad_mask: torch.Tensor | None, options: SamplerOptions,
                  generator: torch.Generator | None, banned: torch.Tensor | None, tokens_hook: TokensHook | None,
-                 logits_hook: LogitsHook | None, output_history: bool) -> None:
+                 logits_hook: LogitsHook | None, output_history: bool, pinned: Sequence[int] = ()) -> None:
         config = model.config
         self.options = options
         self.mask_id, self.eos_id = config.mask_token_id, config.eos_token_id
@@ -255,6 +257,8 @@ class DecodeState:
         if tokens_hook is not None:
             self.x = self._checked_canvas(tokens_hook(None, x, None))
         self.slots = self.x == self.mask_id  # the canvas positions this request fills
+        self.answer = self.slots.clone()  # where the text may end: the slots and the pinned positions
+        self.answer[:, list(pinned)] = True
         masked_cols = self.slots.any(dim=0).nonzero()
         region = int(masked_cols[0]) if len(masked_cols) else x.shape[1]
         self.blocks, self.steps_per_block = _blocks(region, x.shape[1], options)
@@ -389,8 +393,9 @@ class DecodeState:
                         self.mask_id, above)
 
     def _finish_at_eos(self) -> bool:
-        """When every row has an EOS in its slots with no mask before it: EOS into every slot after it."""
-        eos_slots = (self.x == self.eos_id) & self.slots
+        """When every row has an EOS in its answer (slots or pinned positions) with no mask before it: EOS into
+        every slot after it (pinned tokens stay)."""
+        eos_slots = (self.x == self.eos_id) & self.answer
         if not bool(eos_slots.any(dim=1).all()):
             return False
         columns = torch.arange(self.x.shape[1], device=self.x.device)
@@ -492,6 +497,7 @@ def _shared_forward(model: "DreamModel", states: Sequence[DecodeState],
     R, N = sum(rows), max(lengths)
     if compile:
         R, N = bucket_shape(R, N, model.config.context_length)
+    R = max(R, -(-MIN_MATMUL_ROWS // N))  # spare rows so that tiny canvases get the same matmul bits alone or batched
     full = bool(compile) or any(s.wants_full_logits for s in states)
     if len(states) == 1 and (R, N) == (rows[0], lengths[0]) and not compile:
         s = states[0]
@@ -499,13 +505,17 @@ def _shared_forward(model: "DreamModel", states: Sequence[DecodeState],
     else:
         device = states[0].x.device
         x = torch.zeros((R, N), dtype=torch.long, device=device)
-        keep = torch.zeros((R, N), dtype=torch.long, device=device)
+        keep = torch.ones((R, N), dtype=torch.long, device=device)  # spare rows: a sequence of token 0
         top = 0
         for s, b, n in zip(states, rows, lengths):
             x[top:top + b, N - n:] = s.x
-            keep[top:top + b, N - n:] = 1 if s.pad_mask is None else s.pad_mask
+            keep[top:top + b, :N - n] = 0
+            if s.pad_mask is not None:
+                keep[top:top + b, N - n:] = s.pad_mask
             top += b
-        attention, positions = padding_attention(keep, model.causal), padding_positions(keep)
+        attention = positions = None
+        if compile or any(s.pad_mask is not None for s in states) or min(lengths) < N:
+            attention, positions = padding_attention(keep, model.causal), padding_positions(keep)
     select = None
     if not full:
         targets = [s._targets for s in states]

@@ -26,7 +26,8 @@ from dreamlm.tokenizer import DreamTokenizer
 from dreamlm.training.config import TrainConfig
 from dreamlm.training.data import (Batch, ExampleBatches, PackedBlocks, char_tokenizer, read_examples,
                                    resolve_files)
-from dreamlm.training.objective import DiffusionObjective, LossOutput, ar_loss, diffusion_loss, mask_tokens
+from dreamlm.training.objective import (DiffusionObjective, LossOutput, ar_loss, diffusion_loss, mask_tokens,
+                                        sample_times)
 from dreamlm.training.parallel import (World, all_reduce_sum, barrier, full_state, init_world, load_full_state,
                                        shard_model, shutdown)
 from dreamlm.training.state import load_training_checkpoint, save_training_checkpoint
@@ -45,7 +46,7 @@ def draw_noise(batch: Batch, seed: int, eps: float, mask_token_id: int) -> Noise
     ts, masks = [], []
     for row in range(batch.x.shape[0]):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + int(batch.index[row]) * 2 + 1)
-        t = (1 - eps) * torch.rand(1, generator=gen) + eps
+        t = sample_times(1, eps, gen)
         _, masked = mask_tokens(batch.x[row:row + 1], batch.maskable[row:row + 1], t, mask_token_id, gen)
         ts.append(t)
         masks.append(masked)
@@ -285,8 +286,8 @@ class Trainer:
             group["lr"] = lr
         weighted = 0.0
         for batch, noise in zip(micro, noises):
-            if self._count(batch, noise) == 0:
-                continue  # nothing masked (t tiny): no loss to add
+            # every rank runs every micro-batch, even one with nothing masked (its loss is 0): under FSDP a rank
+            # that skipped its forward/backward would leave the others waiting in a collective
             with self.autocast or nullcontext():
                 out = self._loss(batch, noise, denominator)
             out.loss.backward()
@@ -313,11 +314,9 @@ class Trainer:
         for _ in range(self.cfg.run.eval_batches):
             batch = source.next_batch(self.cfg.optim.batch_size)
             noise = self._noise(batch)
-            n = self._count(batch, noise)
-            if n:
-                with self.autocast or nullcontext():
-                    weighted += float(self._loss(batch, noise, 1.0).weighted_sum)
-                count += n
+            with self.autocast or nullcontext():  # never skipped, for the same reason as in train_step
+                weighted += float(self._loss(batch, noise, 1.0).weighted_sum)
+            count += self._count(batch, noise)
         self.model.train()
         weighted, count = all_reduce_sum([weighted, count], self.world)
         return weighted / max(count, 1.0)

@@ -143,7 +143,7 @@ def test_solve_path_hands_more_arms_to_the_g105_model():
     assert ("no bundled star-7-3 model: using star-10-5-diffusion (arms stretched to 5 nodes, 1 decoy arm added)"
             in res.stderr)
     [result] = json.loads(res.stdout)
-    assert result["valid"] == get_task("star-7-3").validate(example["input"], result["output"])
+    assert result["valid"] == (result["output"] == example["output"])  # a tree has one path from start to goal
 
 
 @pytest.mark.skipif("star-5-5-diffusion" not in PLANNING, reason="no bundled G(5, 5) solver")

@@ -214,9 +214,9 @@ class Solver:
               hook: Callable | None = None, **fast: Any) -> list[Solution]:
         """Solve puzzles (grouped by prompt length so every canvas has the training layout).
 
-        Diffusion decoding: by default one token per step, the most confident first (easy-first, as the published
-        small planning MDMs decode; `threshold=1.0` of the fast options). Dream's schedule commits two tokens at
-        its last step, so the two hardest slots would be decided together, each blind to the other. `steps=N`
+        Diffusion decoding: by default one token per step, the most confident by `alg` first (easy-first, as the
+        published small planning MDMs decode; `threshold=1.0` of the fast options). Dream's schedule commits two
+        tokens at its last step, so the two hardest slots would be decided together, each blind to the other. `steps=N`
         decodes with Dream's schedule over N steps instead (the speed/quality knob); `fast` options pass through.
         Where the answer's length follows from the puzzle (a star graph's path once its arms are even, a sudoku
         grid, Countdown equations in a fixed-width view), the diffusion solver pins EOS (and the PAD tail) where the

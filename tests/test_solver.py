@@ -160,6 +160,10 @@ def test_default_decoding_is_one_token_per_step_most_confident_first(sudoku_dirs
     assert history[-1] == 0 and all(a > b for a, b in zip([budget] + history, history))  # >= 1 slot every step
     solver.solve([PUZZLE], steps=5)
     assert "threshold" not in seen[-1] and seen[-1]["steps"] == 5
+    # blocks: the default one-step-per-slot is rounded up to a multiple of the blocks (bench speed's blocks rows
+    # were refused before: 19 steps over 2 blocks)
+    solver.solve([PUZZLE], block_length=10, cache="prefix", threshold=0.99, alg="maskgit_plus")
+    assert seen[-1]["steps"] == 20 and seen[-1]["block_length"] == 10
 
 
 def test_read_shape_picks_the_smallest_covering_shape():

@@ -87,6 +87,8 @@ def _hook_none(i, x, logits):
     (dict(num_return_sequences=True), "num_return_sequences must be an integer >= 1"),
     (dict(num_return_sequences=1.5), "num_return_sequences must be an integer >= 1"),
     (dict(temperature=True), "temperature must be"),
+    (dict(temperature=1e-300), "temperature must be 0 .argmax. or a finite number >= 1e-06"),  # overflowed: NaN
+    (dict(alg_temp=5e-324), "alg_temp must be 0 or a finite number >= 1e-06"),
     (dict(constraints=Constraints(banned_token_ids=[10**6])), "banned_token_ids holds 1000000"),
     (dict(constraints=Constraints(banned_token_ids=[-1])), "banned_token_ids holds -1"),
     (dict(constraints=Constraints(pinned={6: 10**6})), "pinned position 6 holds 1000000"),
@@ -313,3 +315,12 @@ def test_cli_generate_bans_the_mask_id(monkeypatch):
     res = CliRunner().invoke(app, ["generate", "Hello", "--max-new-tokens", "4"])
     assert res.exit_code == 0, res.output
     assert seen["mask"] in seen["banned"] and "<|mask|>" not in res.stdout
+
+
+def test_steps_for_blocks_rounds_up_to_a_multiple_of_the_blocks():
+    from dreamlm.sampling import steps_for_blocks
+
+    assert steps_for_blocks(19, 20, None) == 19
+    assert steps_for_blocks(19, 20, 10) == 20  # 2 blocks
+    assert steps_for_blocks(19, 21, 10) == 21  # 3 blocks
+    assert steps_for_blocks(4, 40, 8) == 5     # never below the number of blocks

@@ -19,7 +19,7 @@ import torch
 
 from dreamlm.errors import DreamError
 from dreamlm.model import DreamModel
-from dreamlm.sampling import Constraints, cut_at_eos, diffusion_generate
+from dreamlm.sampling import Constraints, cut_at_eos, diffusion_generate, steps_for_blocks
 from dreamlm.sampling.autoregressive import ar_generate
 from dreamlm.tasks import get_task, stargraph
 
@@ -244,7 +244,8 @@ class Solver:
                     constraints = Constraints(pinned={length + end: self.model.config.eos_token_id,
                                                       **dict.fromkeys(tail, self.model.config.pad_token_id)})
                 slots = end if constraints is not None else budget
-                res = diffusion_generate(self.model, batch, max_new_tokens=budget, steps=steps or slots, alg=alg,
+                steps_here = steps or steps_for_blocks(slots, budget, fast.get("block_length"))
+                res = diffusion_generate(self.model, batch, max_new_tokens=budget, steps=steps_here, alg=alg,
                                          temperature=0.0, return_dict_in_generate=True,
                                          generation_tokens_hook_func=hook, constraints=constraints, **fast)
                 out, passes = res.sequences, res.forward_passes

@@ -12,9 +12,10 @@ from dreamlm.sampling.generate import (
     plan,
     sample_tokens,
     shift_logits,
+    steps_for_blocks,
 )
 from dreamlm.sampling.infill import InfillResult, cut_at_eos, infill, json_template, parse_template
 
 __all__ = ["Alg", "CacheMode", "Constraints", "DecodeState", "DreamGenerationOutput", "InfillResult", "SamplerOptions",
            "advance", "cut_at_eos", "diffusion_generate", "infill", "json_template", "parse_template", "plan",
-           "sample_tokens", "shift_logits"]
+           "sample_tokens", "shift_logits", "steps_for_blocks"]

@@ -233,6 +233,15 @@ def _blocks(region: int, N: int, options: SamplerOptions) -> tuple[list[tuple[in
     return blocks, options.steps // len(blocks)
 
 
+def steps_for_blocks(steps: int, region: int, block_length: int | None) -> int:
+    """`steps` rounded up to a multiple of the number of blocks a region of `region` tokens splits into (what
+    block decoding needs); unchanged without blocks. For callers that default steps to the number of slots."""
+    if block_length is None:
+        return steps
+    blocks = max(-(-region // block_length), 1)
+    return -(-steps // blocks) * blocks
+
+
 class DecodeState:
     """One request's decoding state: canvas, schedule position, block, cache, generator, options and hooks.
 

@@ -39,6 +39,9 @@ class CacheMode(str, Enum):
     DUAL = "dual"
 
 
+MIN_TEMPERATURE = 1e-6  # below this (but above 0) logits / temperature can overflow to inf and sampling fails
+
+
 def _number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -84,14 +87,17 @@ class SamplerOptions:
             raise DreamError(f"steps must be an integer >= 1, got {self.steps!r}")
         if not (_number(self.eps) and 0 < self.eps < 1):
             raise DreamError(f"eps must be in (0, 1), got {self.eps!r}")
-        if not (_number(self.temperature) and self.temperature >= 0):
-            raise DreamError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not (_number(self.temperature) and (self.temperature == 0 or self.temperature >= MIN_TEMPERATURE)):
+            raise DreamError(f"temperature must be 0 (argmax) or a finite number >= {MIN_TEMPERATURE} (smaller ones "
+                             f"overflow the scaled logits), got {self.temperature!r}")
         if self.top_p is not None and not (_number(self.top_p) and 0 < self.top_p <= 1):
             raise DreamError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.top_k is not None and not (_integer(self.top_k) and self.top_k >= 1):
             raise DreamError(f"top_k must be an integer >= 1, got {self.top_k!r}")
-        if self.alg_temp is not None and not (_number(self.alg_temp) and self.alg_temp >= 0):
-            raise DreamError(f"alg_temp must be a finite number >= 0, got {self.alg_temp!r}")
+        if self.alg_temp is not None and not (_number(self.alg_temp)
+                                              and (self.alg_temp == 0 or self.alg_temp >= MIN_TEMPERATURE)):
+            raise DreamError(f"alg_temp must be 0 or a finite number >= {MIN_TEMPERATURE} (smaller ones overflow the "
+                             f"scaled confidence), got {self.alg_temp!r}")
         if self.block_length is not None and not (_integer(self.block_length) and self.block_length >= 1):
             raise DreamError(f"block_length must be an integer >= 1, got {self.block_length!r}")
         if self.threshold is not None and not (_number(self.threshold) and 0 < self.threshold <= 1):

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dreamlm.errors import DreamError
+from dreamlm.sampling.infill import unwritable_ids
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Dream-style diffusion language models: generate, infill, inspect.")
@@ -51,12 +52,6 @@ def load(model_dir: Optional[Path], dtype: Optional[str], device: Optional[str])
     if model.tokenizer is None:
         raise DreamError(f"{path} has no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
     return model, model.tokenizer
-
-
-def unwritable_ids(net, tok) -> list[int]:
-    """Ids the CLI never lets the sampler write: the mask itself, and ids past the tokenizer's range (Dream's head
-    is wider than its tokenizer; those ids mean nothing)."""
-    return list(range(tok.vocab_size, net.config.vocab_size)) + [net.config.mask_token_id]
 
 
 def check_number(name: str, value: Optional[float]) -> None:
@@ -384,7 +379,59 @@ def demo(n: int = typer.Option(100, help="Held-out puzzles per task for the accu
         out.print(table)
 
 
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: planning accuracy, decoding speed.")
+@app.command()
+def serve(
+    models: Optional[list[Path]] = typer.Argument(None, help="Model directories (default: every bundled diffusion "
+                                                  "model, by folder name)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (0.0.0.0 exposes the server to the network)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="DREAMLM_API_KEY",
+                                          help="Require 'Authorization: Bearer KEY' on /v1 (or set DREAMLM_API_KEY)."),
+    max_tokens: int = typer.Option(1024, help="Cap on max_tokens per request."),
+    max_n: int = typer.Option(16, help="Cap on n (answers per prompt)."),
+    max_steps: int = typer.Option(2048, help="Cap on denoising steps per request."),
+    timeout: float = typer.Option(300.0, help="Seconds a request may take (queue + decoding) before a 504."),
+    max_body: int = typer.Option(1 << 20, help="Largest request body in bytes (413 above)."),
+    max_queue: int = typer.Option(256, help="Requests that may wait per model (503 + Retry-After above)."),
+    max_batch_tokens: int = typer.Option(16384, help="Canvas tokens (rows x length) per batched forward."),
+    batching: bool = typer.Option(True, "--batching/--no-batching", help="Share forwards across requests."),
+    dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt,
+    log_level: str = typer.Option("info", help="debug, info, warning or error."),
+) -> None:
+    """Serve models over an OpenAI-compatible HTTP API (completions, chat, streaming), batched per step."""
+    import logging
+
+    from dreamlm.serve import Limits, bundled_models, create_app, load_models
+
+    with user_errors():
+        if log_level not in ("debug", "info", "warning", "error"):
+            raise DreamError(f"unknown log level {log_level!r}; choose debug, info, warning or error")
+        if not 0 <= port <= 65535:
+            raise DreamError(f"port must be in 0..65535, got {port}")
+        check_number("timeout", timeout)
+        limits = Limits(max_tokens=max_tokens, max_n=max_n, max_steps=max_steps, timeout=timeout,
+                        max_body_bytes=max_body, max_queue=max_queue, max_batch_tokens=max_batch_tokens,
+                        batching=batching, api_key=api_key)
+        paths = list(models) if models else bundled_models()
+        for path in paths:
+            if not (Path(path) / "config.json").is_file():
+                raise DreamError(f"{path} is not a model directory (no config.json)")
+        served = load_models(paths, limits, dtype=dtype or "float32", device=device)
+        app_ = create_app(served, limits)
+        import uvicorn
+
+        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        err.print(f"serving {', '.join(served)} on http://{host}:{port}/v1 (batching {'on' if batching else 'off'}"
+                  f"{', API key required' if api_key else ''})", highlight=False, soft_wrap=True)
+        config = uvicorn.Config(app_, host=host, port=port, log_level=log_level, access_log=False,
+                                timeout_graceful_shutdown=int(limits.grace))
+        server = uvicorn.Server(config)
+        server.run()
+        if not server.started:
+            raise DreamError(f"could not start the server on {host}:{port} (is the port in use?)")
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: planning accuracy, decoding speed, serving.")
 app.add_typer(bench_app, name="bench")
 
 
@@ -423,6 +470,36 @@ def bench_speed(task: str = typer.Option("sudoku4", help="Planning task whose bu
                                               per_forward=per_forward, dtype=dtype), compile=compile_)
         print(speed_table(report))
         err.print(f"machine: {report['machine']}; wrote {out_dir}/speed.(md|json|png)")
+
+
+@bench_app.command("serve")
+def bench_serve(model: Optional[Path] = typer.Option(None, "--model", "-m",
+                                                   help="Model directory (default: the bundled tiny-dream)."),
+                concurrency: str = typer.Option("1,4,16,64", help="Comma-separated client counts."),
+                max_tokens: int = typer.Option(32, help="Tokens per request (one denoising step each)."),
+                temperature: float = typer.Option(0.0, help="Sampling temperature of every request (0 = argmax)."),
+                per_client: int = typer.Option(4, help="Requests per client at each level (at least 16 in all)."),
+                out_dir: Path = typer.Option(Path("benchmarks/results"), "--out", help="Where to write tables.")
+                ) -> None:
+    """`dreamlm serve` under load: requests/s, tokens/s, p50/p99 latency, batching on vs off."""
+    from dreamlm.serve.bench import serve_bench, serve_table
+
+    with user_errors():
+        try:
+            levels = tuple(int(c) for c in concurrency.split(","))
+        except ValueError:
+            raise DreamError(f"concurrency must be comma-separated integers, got {concurrency!r}") from None
+        if not levels or min(levels) < 1:
+            raise DreamError("every concurrency level must be >= 1")
+        if max_tokens < 1 or per_client < 1:
+            raise DreamError("max_tokens and per_client must be >= 1")
+        path = model or default_model_dir()
+        if not (Path(path) / "config.json").is_file():
+            raise DreamError(f"{path} is not a model directory (no config.json)")
+        check_number("temperature", temperature)
+        report = serve_bench(Path(path), levels, max_tokens, temperature, per_client, out_dir)
+        print(serve_table(report))
+        err.print(f"wrote {out_dir}/serve.(md|json|png)")
 
 
 def main() -> None:

@@ -82,6 +82,12 @@ def json_template(fields: dict[str, int | str]) -> str:
     return "{" + ", ".join(parts) + "}"
 
 
+def unwritable_ids(model: "DreamModel", tokenizer: "DreamTokenizer") -> list[int]:
+    """Ids a text front end never lets the sampler write: the mask itself, and ids past the tokenizer's range
+    (Dream's head is wider than its tokenizer; those ids mean nothing)."""
+    return list(range(tokenizer.vocab_size, model.config.vocab_size)) + [model.config.mask_token_id]
+
+
 def cut_at_eos(ids: list[int], eos_token_id: int | None, start: int = 0) -> list[int]:
     """ids up to (not including) the first EOS at or after `start`."""
     if eos_token_id is None:

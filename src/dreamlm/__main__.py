@@ -1,0 +1,5 @@
+"""`python -m dreamlm` runs the command line."""
+
+from dreamlm.cli import main
+
+main()

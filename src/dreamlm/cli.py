@@ -478,6 +478,7 @@ def bench_serve(model: Optional[Path] = typer.Option(None, "--model", "-m",
                 concurrency: str = typer.Option("1,4,16,64", help="Comma-separated client counts."),
                 max_tokens: int = typer.Option(32, help="Tokens per request (one denoising step each)."),
                 temperature: float = typer.Option(0.0, help="Sampling temperature of every request (0 = argmax)."),
+                prompt: str = typer.Option("Request {i}:", help="Prompt of request i ({i} is replaced)."),
                 per_client: int = typer.Option(4, help="Requests per client at each level (at least 16 in all)."),
                 out_dir: Path = typer.Option(Path("benchmarks/results"), "--out", help="Where to write tables.")
                 ) -> None:
@@ -497,7 +498,7 @@ def bench_serve(model: Optional[Path] = typer.Option(None, "--model", "-m",
         if not (Path(path) / "config.json").is_file():
             raise DreamError(f"{path} is not a model directory (no config.json)")
         check_number("temperature", temperature)
-        report = serve_bench(Path(path), levels, max_tokens, temperature, per_client, out_dir)
+        report = serve_bench(Path(path), levels, max_tokens, temperature, per_client, out_dir, prompt)
         print(serve_table(report))
         err.print(f"wrote {out_dir}/serve.(md|json|png)")
 

@@ -22,6 +22,7 @@ from typing import Any
 from dreamlm.errors import DreamError
 
 LEVELS = (1, 4, 16, 64)
+PROMPT = "Request {i}:"  # {i}: the request's number
 
 
 def free_port() -> int:
@@ -69,7 +70,7 @@ class ServerProcess:
 
 
 async def _level(url: str, model: str, concurrency: int, requests: int, max_tokens: int, temperature: float,
-                 seed0: int) -> dict[str, Any]:
+                 seed0: int, prompt: str = PROMPT) -> dict[str, Any]:
     import httpx
 
     latencies: list[float] = []
@@ -81,7 +82,7 @@ async def _level(url: str, model: str, concurrency: int, requests: int, max_toke
         while next_id < requests:
             i = next_id
             next_id += 1
-            body = {"model": model, "prompt": f"Request {i}:", "max_tokens": max_tokens, "seed": seed0 + i,
+            body = {"model": model, "prompt": prompt.replace("{i}", str(i)), "max_tokens": max_tokens, "seed": seed0 + i,
                     "temperature": temperature}
             start = time.perf_counter()
             try:
@@ -108,21 +109,21 @@ async def _level(url: str, model: str, concurrency: int, requests: int, max_toke
 
 
 def serve_bench(model_dir: Path, levels: tuple[int, ...] = LEVELS, max_tokens: int = 32, temperature: float = 0.0,
-                requests_per_client: int = 4, out_dir: Path | None = None) -> dict[str, Any]:
+                requests_per_client: int = 4, out_dir: Path | None = None, prompt: str = PROMPT) -> dict[str, Any]:
     """Both servers at every level; the report (and files in out_dir)."""
     from dreamlm.bench import machine
 
     model = Path(model_dir).resolve().name
     report: dict[str, Any] = {"machine": machine(), "command": "dreamlm " + " ".join(sys.argv[1:]), "model": model,
-                              "max_tokens": max_tokens, "steps": max_tokens, "temperature": temperature,
+                              "max_tokens": max_tokens, "steps": max_tokens, "temperature": temperature, "prompt": prompt,
                               "rows": []}
     for batching in (True, False):
         server = ServerProcess(Path(model_dir), batching)
         try:
-            asyncio.run(_level(server.url, model, 4, 8, max_tokens, temperature, 10**6))  # warm-up
+            asyncio.run(_level(server.url, model, 4, 8, max_tokens, temperature, 10**6, prompt))  # warm-up
             for c in levels:
                 n = max(c * requests_per_client, 16)
-                row = asyncio.run(_level(server.url, model, c, n, max_tokens, temperature, 1000 * c))
+                row = asyncio.run(_level(server.url, model, c, n, max_tokens, temperature, 1000 * c, prompt))
                 report["rows"].append({"batching": batching, **row})
         finally:
             server.close()
@@ -139,7 +140,7 @@ def serve_table(report: dict[str, Any]) -> str:
     """Markdown table of a report."""
     lines = [f"`{report['command']}` on {report['machine']}", "",
              f"Model {report['model']}, {report['max_tokens']} tokens per request, one step per token, temperature "
-             f"{report['temperature']}, a seed per request.", "",
+             f"{report['temperature']}, a seed per request, prompt {json.dumps(report['prompt'])}.", "",
              "| batching | concurrency | requests | errors | requests/s | tokens/s | p50 ms | p99 ms | tokens/s vs off |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:

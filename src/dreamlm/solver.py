@@ -211,7 +211,8 @@ class Solver:
         return ids
 
     def solve(self, puzzles: list[str], steps: int | None = None, alg: str = "entropy",
-              hook: Callable | None = None, **fast: Any) -> list[Solution]:
+              hook: Callable | None = None, watch: Callable[[int, torch.Tensor], None] | None = None,
+              **fast: Any) -> list[Solution]:
         """Solve puzzles (grouped by prompt length so every canvas has the training layout).
 
         Diffusion decoding: by default one token per step, the most confident by `alg` first (easy-first, as the
@@ -225,6 +226,14 @@ class Solver:
         """
         if steps is None and not fast:
             fast = {"threshold": 1.0}
+        if watch is not None:  # `watch(n, canvas)` after each step (0: the canvas before the first), either kind
+            inner = hook
+
+            def hook(step: int | None, x: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
+                if inner is not None:
+                    x = inner(step, x, logits)
+                watch(0 if step is None else step + 1, x)
+                return x
         views = [self._view(p) for p in puzzles]
         prompts = [self._encode(text) for text, _, _ in views]
         groups: dict[tuple[int, int | None], list[int]] = {}
@@ -236,7 +245,7 @@ class Solver:
             budget = self.seq_len - length
             start = time.perf_counter()
             if self.kind == "ar":
-                out, passes = ar_generate(self.model, batch, budget)
+                out, passes = ar_generate(self.model, batch, budget, on_token=watch)
             else:
                 constraints = None
                 if end is not None and end < budget:

@@ -5,7 +5,7 @@ This is not a second diffusion loop: it decodes a *causal* model left to right, 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -18,9 +18,10 @@ if TYPE_CHECKING:
 
 @torch.no_grad()
 def ar_generate(model: "DreamModel", input_ids: torch.Tensor, max_new_tokens: int, use_cache: bool = True,
-                temperature: float = 0.0, stop_at_eos: bool = True,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
-    """Append up to max_new_tokens to each row; returns (ids (B, P + n), forward passes). Rows that ended get EOS."""
+                temperature: float = 0.0, stop_at_eos: bool = True, generator: torch.Generator | None = None,
+                on_token: Callable[[int, torch.Tensor], None] | None = None) -> tuple[torch.Tensor, int]:
+    """Append up to max_new_tokens to each row; returns (ids (B, P + n), forward passes). Rows that ended get EOS.
+    `on_token(n, x)` is called after the n-th new token is written (x: the canvas; later slots hold EOS)."""
     if not model.causal:
         raise DreamError("ar_generate decodes causal models; this one is bidirectional (use diffusion_generate)")
     if max_new_tokens < 1 or input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -52,6 +53,8 @@ def ar_generate(model: "DreamModel", input_ids: torch.Tensor, max_new_tokens: in
         x[:, pos] = torch.where(ended, torch.full_like(token, fill), token)
         if eos is not None:
             ended |= token == eos
+        if on_token is not None:
+            on_token(pos - P + 1, x)
         if stop_at_eos and eos is not None and bool(ended.all()):
             break
     return x, passes

@@ -32,6 +32,7 @@ from dreamlm.serve.engine import Engine, Job, QueueFull, ShuttingDown
 from dreamlm.serve.metrics import ServeMetrics
 from dreamlm.serve.protocol import (
     ERROR_RESPONSES,
+    EVENT_SCHEMA,
     ChatRequest,
     ChatResponse,
     CompletionRequest,
@@ -562,11 +563,7 @@ def create_app(models: dict[str, Served], limits: Limits | None = None) -> FastA
              "context_length": s.model.config.context_length, "chat": bool(s.tokenizer.chat_template)}
             for name, s in models.items()]}
 
-    event_schema = {"type": "object", "required": ["data"], "properties": {
-        "event": {"type": "string", "description": "absent for chunks; dreamlm.step for per-step frames"},
-        "data": {"type": "string", "description": "a JSON chunk (or frame), or [DONE] at the end"},
-        "id": {"type": "string"}, "retry": {"type": "integer"}}}
-    stream_doc = {"content": {"application/json": {}, "text/event-stream": {"schema": event_schema}},
+    stream_doc = {"content": {"application/json": {}, "text/event-stream": {"schema": EVENT_SCHEMA}},
                   "description": "The answer; with stream: server-sent events, one per chunk or step frame"}
 
     @app.post("/v1/completions", response_model=CompletionResponse, dependencies=[Depends(authorized)],
@@ -641,6 +638,9 @@ def create_app(models: dict[str, Served], limits: Limits | None = None) -> FastA
         return {"id": rid, "object": "text_completion", "created": created, "model": served.name,
                 "choices": choices, "usage": usage}
 
+    from dreamlm.serve.playground import add_playground
+
+    add_playground(app, authorized)
     app.add_middleware(Guard, max_body=limits.max_body_bytes)
     return app
 

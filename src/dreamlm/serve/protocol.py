@@ -194,6 +194,12 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+EVENT_SCHEMA: dict[str, Any] = {"type": "object", "required": ["data"], "properties": {
+    "event": {"type": "string", "description": "absent for chunks; dreamlm.step for per-step frames"},
+    "data": {"type": "string", "description": "a JSON chunk (or frame), or [DONE] at the end"},
+    "id": {"type": "string"}, "retry": {"type": "integer"}}}  # one server-sent event
+
+
 def error_json(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     """OpenAI's error JSON."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -10,7 +10,7 @@ from dreamlm.errors import DreamError
 from dreamlm.model import KVCache
 from dreamlm.sampling import Constraints, cut_at_eos, diffusion_generate
 from dreamlm.sampling.autoregressive import ar_generate
-from reference import spec_reference
+from reference import counting_backend, spec_reference
 
 P = torch.tensor([[11, 12, 13, 14]])
 
@@ -142,15 +142,6 @@ def test_ar_generate_with_cache_equals_without(tiny_model):
         ar_generate(tiny_model, P, 4)
 
 
-def _counting_backend():
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(tuple(tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)))
-        return gm.forward
-    return backend, graphs
-
-
 @pytest.mark.parametrize("options", [
     dict(),
     dict(threshold=0.5, block_length=4, stop_at_eos=True),
@@ -159,7 +150,7 @@ def test_compile_is_static_and_token_identical(tiny_model, options):
     # A counting torch.compile backend: every forward of the loop goes through one captured graph (no graph
     # break, no recompilation across steps or calls of the same shape) and the tokens equal the eager loop's.
     torch._dynamo.reset()
-    backend, graphs = _counting_backend()
+    backend, graphs = counting_backend()
     kw = dict(max_new_tokens=12, steps=12, alg="entropy", temperature=0.4, seed=5, **options)
     for prompt in (P, torch.tensor([[21, 22, 23, 24]])):
         eager = diffusion_generate(tiny_model, prompt, **kw)

@@ -11,6 +11,8 @@ from dreamlm.sampling import Constraints, SamplerOptions, advance, diffusion_gen
 from dreamlm.sampling import generate as generate_module
 from dreamlm.sampling.options import Alg
 
+from reference import counting_backend
+
 P = torch.tensor([[11, 12, 13, 14]])
 
 
@@ -165,20 +167,11 @@ def test_stop_at_eos_keeps_pinned_tokens_and_counts_a_pinned_eos(tiny_model):
 
 
 # ---- compile: a few bucketed graphs serve every request; never a silent eager fallback ------------------------
-def _counting_backend():
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(tuple(tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)))
-        return gm.forward
-    return backend, graphs
-
-
 def test_compile_buckets_canvas_lengths(tiny_model):
     # canvases of 10, 30 and 50 tokens share one 64-token graph (left-padded, the pads masked out); 70 takes the 128
     # one. Padding changes only float rounding: the same logits to 1e-5 at every step, the same greedy tokens
     torch._dynamo.reset()
-    backend, graphs = _counting_backend()
+    backend, graphs = counting_backend()
 
     def run(n_new, **compile_kw):
         seen = []
@@ -199,7 +192,7 @@ def test_compile_buckets_canvas_lengths(tiny_model):
 def test_compile_past_the_graph_limit_is_an_error_not_a_fallback(tiny_model, monkeypatch):
     torch._dynamo.reset()
     monkeypatch.setattr(generate_module, "COMPILE_GRAPHS", 1)
-    backend, graphs = _counting_backend()
+    backend, graphs = counting_backend()
     diffusion_generate(tiny_model, P, max_new_tokens=6, steps=2, alg="entropy", compile=backend)
     with pytest.raises(DreamError, match="compile: more than 1 distinct shapes"):
         diffusion_generate(tiny_model, P, max_new_tokens=66, steps=2, alg="entropy", compile=backend)

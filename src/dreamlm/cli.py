@@ -47,11 +47,107 @@ def load(model_dir: Optional[Path], dtype: Optional[str], device: Optional[str])
     """Model and tokenizer from a directory (default: the bundled model)."""
     from dreamlm.model import DreamModel
 
+    check_dtype(dtype)
+    check_device(device)
     path = model_dir or default_model_dir()
     model = DreamModel.from_pretrained(path, dtype=dtype or "float32", device=device)
     if model.tokenizer is None:
         raise DreamError(f"{path} has no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
     return model, model.tokenizer
+
+
+def read_puzzle_file(file: Path) -> list[str]:
+    """The "input" of each line of a JSONL file (UTF-8, a BOM allowed); DreamError naming the first bad line."""
+    if not file.exists():
+        raise DreamError(f"{file} does not exist")
+    if not file.is_file():
+        raise DreamError(f"{file} is not a file")
+    try:
+        text = file.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise DreamError(f"{file} is not UTF-8 text (save it as UTF-8 JSONL)") from None
+    puzzles = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise DreamError(f"{file}:{number}: not JSON; every line must be an object with an \"input\"") from None
+        if not isinstance(record, dict) or not isinstance(record.get("input"), str):
+            raise DreamError(f"{file}:{number}: every line must be an object whose \"input\" is a string")
+        puzzles.append(record["input"])
+    return puzzles
+
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def check_dtype(dtype: Optional[str]) -> None:
+    """Refuse an unknown dtype name before anything loads."""
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        raise DreamError(f"unknown dtype {dtype!r}; choose float32, bfloat16 or float16")
+
+
+def check_device(device: Optional[str]) -> None:
+    """Refuse a device torch does not know, or one this machine does not have, in one line."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        where = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise DreamError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if where.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DreamError(f"device {device}: CUDA is not available on this machine (use --device cpu)")
+        if where.index is not None and where.index >= torch.cuda.device_count():
+            raise DreamError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif where.type != "cpu":
+        raise DreamError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+
+
+def check_delay(delay: float) -> None:
+    """A frame delay is a number of seconds >= 0."""
+    if not (math.isfinite(delay) and delay >= 0):
+        raise DreamError(f"--delay must be a number of seconds >= 0, got {delay}")
+
+
+def check_at_least(name: str, value: Optional[int], low: int = 1) -> None:
+    """An integer option's lower bound."""
+    if value is not None and value < low:
+        raise DreamError(f"{name} must be >= {low}, got {value}")
+
+
+def output_file(path: Path) -> Path:
+    """Check a file to be written before any work starts: not a folder, no file where a folder must be, a writable
+    folder. Missing folders are created only when the file is written."""
+    if path.is_dir():
+        raise DreamError(f"{path} is a folder; give a file name to write")
+    return _writable_parent(path)
+
+
+def output_dir(path: Path, empty: bool = False) -> Path:
+    """Check a folder to be written into before any work starts (and, with `empty`, that it holds nothing)."""
+    if path.exists() and not path.is_dir():
+        raise DreamError(f"{path} is a file, not a folder")
+    if empty and path.is_dir() and any(path.iterdir()):
+        raise DreamError(f"{path} is not empty; give a new or empty folder (nothing is overwritten)")
+    return _writable_parent(path)
+
+
+def _writable_parent(path: Path) -> Path:
+    import os
+
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DreamError(f"cannot write {path}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK):
+                raise DreamError(f"cannot write {path}: {parent} is not writable")
+            break
+    return path
 
 
 def check_number(name: str, value: Optional[float]) -> None:
@@ -107,6 +203,7 @@ def generate(
             raise DreamError("the prompt is empty")
         if max_new_tokens < 1:
             raise DreamError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
+        check_delay(delay)
         steps = max_new_tokens if steps is None else steps
         kwargs = sampler_kwargs(steps, eps, temperature, top_p, top_k, alg, alg_temp, seed)
         net, tok = load(model, dtype, device)
@@ -147,6 +244,7 @@ def infill(
     with user_errors():
         if not template.strip():
             raise DreamError("the template is empty")
+        check_at_least("--steps", steps)
         net, tok = load(model, dtype, device)
         kwargs = sampler_kwargs(steps or 1, eps, temperature, top_p, top_k, alg, alg_temp, seed)
         kwargs["steps"] = steps  # None: one step per masked token
@@ -228,7 +326,9 @@ def data(
     with user_errors():
         if n < 1:
             raise DreamError("--n must be >= 1")
-        out.parent.mkdir(parents=True, exist_ok=True)
+        check_at_least("--seed", seed, 0)
+        check_at_least("--workers", workers)
+        output_file(out)
         write_dataset(task, n, seed, split, out, workers)
         err.print(f"wrote {n} {task} {split} examples to {out}")
 
@@ -247,7 +347,11 @@ def train_tokenizer_cmd(
     with user_errors():
         if vocab_size < 300:
             raise DreamError("vocab_size must be at least 300 (256 bytes plus merges)")
-        tok = train_tokenizer(read_documents(resolve_files(data)), vocab_size)
+        output_dir(out_dir)
+        documents = [doc for doc in read_documents(resolve_files(data)) if doc.strip()]
+        if not documents:
+            raise DreamError(f"no text to train on in {', '.join(data)}")
+        tok = train_tokenizer(documents, vocab_size)
         tok.save_pretrained(out_dir)
         out.print(f"wrote {out_dir} ({tok.vocab_size} ids)")
 
@@ -262,6 +366,9 @@ def convert(
     from dreamlm.checkpoint import convert_ar_checkpoint
 
     with user_errors():
+        if source.exists() and target.exists() and source.resolve() == target.resolve():
+            raise DreamError("source and target are the same folder; write the converted model to a new one")
+        output_dir(target, empty=True)
         model = convert_ar_checkpoint(source, target, max_shard_size=max_shard_size)
         out.print(f"wrote {target} (mask token id {model.config.mask_token_id}, vocab {model.config.vocab_size})")
 
@@ -287,13 +394,12 @@ def solve(
     with user_errors():
         if (puzzle is None) == (file is None):
             raise DreamError("give one puzzle or --file IN.jsonl")
+        check_at_least("--steps", steps)
+        check_delay(delay)
+        if out_file is not None:
+            output_file(out_file)
         if file is not None:
-            if not file.is_file():
-                raise DreamError(f"{file} does not exist")
-            try:
-                puzzles = [json.loads(line)["input"] for line in file.read_text().splitlines() if line.strip()]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise DreamError(f"{file}: every line must be a JSON object with an \"input\"") from None
+            puzzles = read_puzzle_file(file)
         else:
             puzzles = [normalise_puzzle(puzzle)]
         if not puzzles:
@@ -350,6 +456,8 @@ def demo(n: int = typer.Option(100, help="Held-out puzzles per task for the accu
     from dreamlm.view import CanvasView
 
     with user_errors():
+        check_at_least("--n", n)
+        check_delay(delay)
         tasks = available_tasks()
         if not tasks:
             raise DreamError("no bundled planning models are installed")
@@ -409,6 +517,8 @@ def serve(
         if not 0 <= port <= 65535:
             raise DreamError(f"port must be in 0..65535, got {port}")
         check_number("timeout", timeout)
+        check_dtype(dtype)
+        check_device(device)
         limits = Limits(max_tokens=max_tokens, max_n=max_n, max_steps=max_steps, timeout=timeout,
                         max_body_bytes=max_body, max_queue=max_queue, max_batch_tokens=max_batch_tokens,
                         batching=batching, api_key=api_key)
@@ -445,6 +555,8 @@ def bench_planning(n: int = typer.Option(200, help="Held-out puzzles per task an
     from dreamlm.bench import planning, planning_table
 
     with user_errors():
+        check_at_least("--n", n)
+        output_dir(out_dir)
         report = planning(n=n, out_dir=out_dir, grid=star_grid)
         print(planning_table(report))
         err.print(f"machine: {report['machine']}; wrote {out_dir}/planning.(md|json|png)")
@@ -466,6 +578,11 @@ def bench_speed(task: str = typer.Option("sudoku4", help="Planning task whose bu
     from dreamlm.bench import speed, speed_table
 
     with user_errors():
+        for name, value in (("--n", n), ("--hidden", hidden), ("--layers", layers), ("--new-tokens", new_tokens),
+                            ("--per-forward", per_forward)):
+            check_at_least(name, value)
+        check_dtype(dtype)
+        output_dir(out_dir)
         report = speed(task, n, out_dir, dict(hidden=hidden, layers=layers, new_tokens=new_tokens,
                                               per_forward=per_forward, dtype=dtype), compile=compile_)
         print(speed_table(report))
@@ -492,6 +609,7 @@ def bench_serve(model: Optional[Path] = typer.Option(None, "--model", "-m",
             raise DreamError(f"concurrency must be comma-separated integers, got {concurrency!r}") from None
         if not levels or min(levels) < 1:
             raise DreamError("every concurrency level must be >= 1")
+        output_dir(out_dir)
         if max_tokens < 1 or per_client < 1:
             raise DreamError("max_tokens and per_client must be >= 1")
         path = model or default_model_dir()

@@ -124,7 +124,32 @@ def parse_input(text: str) -> tuple[list[Edge], int, int]:
             raise DreamError(f"star graph {role} {node} is not a node of the graph")
     if not _reachable(adjacency, centre, goal):
         raise DreamError(f"star graph goal {goal} cannot be reached from the centre {centre}")
+    _check_star(edges, centre, goal)
     return edges, centre, goal
+
+
+def _check_star(edges: list[Edge], centre: int, goal: int) -> None:
+    """Edges point away from the centre, every node but the centre has one parent and arms do not branch: a star,
+    not some other graph (DreamError naming what is wrong). The goal may sit inside an arm (`stretch` handles it)."""
+    parent: dict[int, int] = {}
+    children: dict[int, list[int]] = defaultdict(list)
+    for a, b in edges:
+        if b == centre:
+            raise DreamError(f"star graph edge {a},{b} points into the centre {centre}; edges go from the centre "
+                             "outward (parent,child)")
+        if b in parent:
+            raise DreamError(f"star graph node {b} has two parents ({parent[b]} and {a}); a star's arms are paths")
+        parent[b] = a
+        children[a].append(b)
+    for node, kids in children.items():
+        if node != centre and len(kids) > 1:
+            raise DreamError(f"star graph node {node} branches to {sorted(kids)}; only the centre may have "
+                             "several children")
+    orphans = sorted({a for a, _ in edges} - set(parent) - {centre})
+    if orphans:
+        raise DreamError(f"star graph node {orphans[0]} has no parent: the graph is not one star around the centre "
+                         f"{centre} (edges are parent,child)")
+
 
 
 def _adjacency(edges: list[Edge]) -> dict[int, set[int]]:

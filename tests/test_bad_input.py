@@ -1,0 +1,192 @@
+"""Bad input across every CLI verb: a non-zero exit (2), no traceback, one line naming the problem (or click's own
+usage message for a value of the wrong type), and no file the user had is changed. Generated where possible."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from dreamlm.cli import app
+from dreamlm.serve.app import bundled_models
+
+runner = CliRunner()
+BUNDLED = {p.name: p for p in bundled_models()}
+SUDOKU = str(BUNDLED["sudoku4-diffusion"])
+TINY = str(BUNDLED["tiny-dream"])
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """A user's folder: files the commands must never change."""
+    root = tmp_path_factory.mktemp("user")
+    made = {
+        "text": root / "notes.txt", "dir": root / "a_dir", "empty_dir": root / "empty_dir",
+        "utf16": root / "utf16.jsonl", "binary": root / "binary.jsonl", "numbers": root / "numbers.jsonl",
+        "nulls": root / "nulls.jsonl", "notjson": root / "notjson.jsonl", "bom": root / "bom.jsonl",
+        "badconfig": root / "badconfig", "badtoml": root / "bad.toml", "emptyfile": root / "empty.jsonl",
+    }
+    made["text"].write_text("keep me\n")
+    made["dir"].mkdir()
+    (made["dir"] / "inside.txt").write_text("keep me too\n")
+    made["empty_dir"].mkdir()
+    made["utf16"].write_bytes('{"input": "0403\\n3042\\n0234\\n4001"}\n'.encode("utf-16"))
+    made["binary"].write_bytes(bytes(range(256)) * 4)
+    made["numbers"].write_text('{"input": 12}\n')
+    made["nulls"].write_text('{"input": null}\n')
+    made["notjson"].write_text("this is not json\n")
+    made["bom"].write_bytes(b"\xef\xbb\xbf" + b'{"input": "0403\\n3042\\n0234\\n4001"}\n')
+    made["badconfig"].mkdir()
+    (made["badconfig"] / "config.json").write_text("{not json")
+    made["badtoml"].write_text("[run\nout_dir = ")
+    made["emptyfile"].write_text("")
+    return made
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*"))}
+
+
+def cases(f: dict[str, Path]) -> list[list[str]]:
+    """Every bad invocation, by verb: arguments out of range, bad paths and files, malformed puzzles."""
+    under_file = str(f["text"] / "out.jsonl")  # a path whose parent is a file
+    out: list[list[str]] = []
+    numeric = {  # option -> bad values, for the sampling verbs
+        "--steps": ["0", "-3"], "--eps": ["0", "1", "-0.5", "nan", "inf"], "--temperature": ["-1", "nan", "1e-300"],
+        "--top-p": ["0", "1.5", "nan"], "--top-k": ["0", "-1"], "--alg": ["greedy", ""], "--alg-temp": ["-1", "nan"],
+        "--seed": ["-1", str(2**64)], "--dtype": ["bogus", "int8"], "--device": ["banana", "meta", "cuda:7"],
+    }
+    for opt, values in numeric.items():
+        for v in values:
+            out.append(["generate", "Hello", "-m", TINY, opt, v])
+            out.append(["infill", "a <|mask:3|> b", "-m", TINY, opt, v])
+    for v in ["0", "-1", "100000"]:
+        out.append(["generate", "Hello", "-m", TINY, "--max-new-tokens", v])
+    out.append(["generate", "Hello", "-m", TINY, "--delay", "-1", "--show"])
+    for prompt in ["", "   ", "<|foo|>", "Hello " * 400]:
+        out.append(["generate", prompt, "-m", TINY])
+    for template in ["no span here", "<|mask:0|> x", "<|mask:100000|>", "a <|mask:9999|> b", "<|bar|> <|mask|>"]:
+        out.append(["infill", template, "-m", TINY])
+    for model in [str(f["dir"]), str(f["empty_dir"]), str(f["text"]), str(f["badconfig"]), "/nonexistent/model"]:
+        out.append(["generate", "Hello", "-m", model])
+        out.append(["infill", "a <|mask|>", "-m", model])
+        out.append(["info", model])
+        out.append(["serve", model])
+        out.append(["solve", "sudoku", "0403\n3042\n0234\n4001", "-m", model])
+    for task in ["bogus", "star-0-5", "cd9", ""]:
+        out.append(["data", task, "--out", str(f["dir"] / "new.jsonl"), "--n", "5"])
+    for extra in (["--n", "0"], ["--n", "-1"], ["--seed", "-1"], ["--split", "bogus"], ["--workers", "0"],
+                  ["--workers", "-2"], ["--out", str(f["dir"])], ["--out", under_file]):
+        args = ["data", "sudoku4", "--n", "5", "--out", str(f["dir"] / "new.jsonl")]
+        out.append(args[:-2] + extra if extra[0] == "--out" else args + extra)
+    for extra in (["--vocab-size", "0"], ["--vocab-size", "10"], ["--data", "/nonexistent.txt"],
+                  ["--data", str(f["emptyfile"])], ["--data", str(f["empty_dir"])]):
+        out.append(["train-tokenizer", str(f["dir"] / "tok"), *extra])
+    out.append(["train-tokenizer", str(f["text"]), "--vocab-size", "400", "--data", str(f["text"])])
+    out.append(["convert", "/nonexistent", str(f["dir"] / "conv")])
+    out.append(["convert", str(f["dir"]), str(f["dir"] / "conv")])
+    out.append(["convert", TINY, TINY])
+    out.append(["convert", TINY, str(f["dir"])])  # not empty: never overwritten
+    out.append(["convert", TINY, under_file])
+    out.append(["train", str(f["badtoml"])])
+    out.append(["train", "/nonexistent.toml"])
+    for setting in ["nosection=1", "optim.nope=1", "optim.max_steps=abc", "model.attention_bias=false",
+                    "optim.lr=nan", "run.out_dir="]:
+        out.append(["train", "--set", setting, "--max-steps", "1", "--out-dir", str(f["dir"] / "run")])
+    for extra in (["--max-steps", "0"], ["--objective", "bogus"], ["--stage", "bogus"]):
+        out.append(["train", "--out-dir", str(f["dir"] / "run"), *extra])
+    sudoku_bad = ["12345", "0403\n3042\n0234", "0" * 17, "0" * 25, "abcd\nefgh\nijkl\nmnop", "0403\n3042\n0234\n4005",
+                  "1111\n0000\n0000\n0000", "62,51|49,97/49,33="]
+    for puzzle in sudoku_bad:
+        out.append(["solve", "sudoku", puzzle])
+    star_bad = ["1,2|2,3|3,1/1,3=", "1,2|1,3|2,4|3,4/1,4=", "1,2|3,2|1,3/1,2=", "1,2|2,3|2,4/1,3=", "1,2|2,3/3,1=",
+                "1,2|2,3/1,9=", "1,2|2,3/1,3", "1,2,3/1,3=", "a,b/a,b=", "/1,2=", "1,2|2,3/1,2,3="]
+    for puzzle in star_bad:
+        out.append(["solve", "path", puzzle])
+    for kind in ["bogus", "star-99-99", "sudoku16"]:
+        out.append(["solve", kind, "0403\n3042\n0234\n4001"])
+    for name in ["utf16", "binary", "numbers", "nulls", "notjson", "dir", "emptyfile"]:
+        out.append(["solve", "sudoku", "--file", str(f[name])])
+    puzzle = "0403\n3042\n0234\n4001"
+    for extra in (["--steps", "0"], ["--steps", "-1"], ["--delay", "-1", "--show"], ["--out", str(f["dir"])],
+                  ["--out", under_file], ["-m", str(BUNDLED["star-2-5-diffusion"])]):
+        out.append(["solve", "sudoku", puzzle, *extra])
+    out.append(["solve", "sudoku"])
+    out.append(["solve", "sudoku", puzzle, "--file", str(f["bom"])])
+    for extra in (["--n", "0"], ["--n", "-1"], ["--delay", "-1"]):
+        out.append(["demo", *extra])
+    for extra in (["--port", "-1"], ["--port", "70000"], ["--max-n", "0"], ["--timeout", "nan"], ["--timeout", "0"],
+                  ["--log-level", "loud"], ["--max-body", "0"], ["--dtype", "bogus"], ["--device", "banana"],
+                  ["--max-tokens", "-4"], ["--api-key", " "]):
+        out.append(["serve", TINY, *extra])
+    for extra in (["--n", "0"], ["--out", under_file]):
+        out.append(["bench", "planning", *extra])
+    for extra in (["--n", "0"], ["--per-forward", "0"], ["--hidden", "0"], ["--layers", "0"], ["--new-tokens", "0"],
+                  ["--task", "bogus"], ["--dtype", "bogus"], ["--out", under_file]):
+        out.append(["bench", "speed", *extra])
+    for extra in (["--concurrency", "a"], ["--concurrency", "0"], ["--max-tokens", "0"], ["--temperature", "nan"],
+                  ["-m", "/nonexistent"]):
+        out.append(["bench", "serve", *extra])
+    return out
+
+
+def check(args: list[str], root: Path) -> str | None:
+    """None when the command failed cleanly, else what went wrong."""
+    before = snapshot(root)
+    result = runner.invoke(app, args)
+    problems = []
+    if result.exit_code == 0:
+        problems.append("exit 0")
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        problems.append(f"traceback: {type(result.exception).__name__}: {str(result.exception)[:120]}")
+    text = result.stderr.strip()
+    if "Traceback" in text:
+        problems.append("traceback in stderr")
+    if text.startswith("error:") and len(text.splitlines()) != 1:
+        problems.append(f"{len(text.splitlines())} lines")
+    if not text.startswith("error:") and "Usage:" not in text and result.exit_code != 0 and not problems:
+        problems.append(f"unclear message: {text[:120]!r}")
+    if snapshot(root) != before:
+        problems.append("changed the user's files")
+    return "; ".join(problems) or None
+
+
+def test_every_bad_invocation_fails_cleanly(files):
+    root = files["text"].parent
+    all_cases = cases(files)
+    assert len(all_cases) >= 180
+    failures = []
+    for args in all_cases:
+        problem = check(args, root)
+        if problem:
+            failures.append(f"{' '.join(a if len(a) < 40 else a[:37] + '...' for a in args)!r}: {problem}")
+    assert not failures, f"{len(failures)} of {len(all_cases)} cases:\n" + "\n".join(failures)
+
+
+PUZZLE_CHARS = st.text(alphabet="0123456789,|/=\n ab-", max_size=60)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(kind=st.sampled_from(["sudoku", "path"]), puzzle=PUZZLE_CHARS)
+def test_generated_puzzles_are_answered_or_refused_in_one_line(kind, puzzle):
+    from dreamlm.errors import DreamError
+    from dreamlm.solver import normalise_puzzle, resolve_task
+
+    try:  # the parser either accepts the puzzle or says why in one line; never anything else
+        task = resolve_task(kind, normalise_puzzle(puzzle))
+        from dreamlm.tasks import get_task
+        get_task(task).parse(normalise_puzzle(puzzle)) if hasattr(get_task(task), "parse") else None
+    except DreamError as exc:
+        assert "\n" not in str(exc) and str(exc)
+
+
+def test_json_output_is_only_json():
+    result = runner.invoke(app, ["solve", "sudoku", "0403\n3042\n0234\n4001", "--json"])
+    assert result.exit_code == 0
+    assert isinstance(json.loads(result.stdout), (list, dict))

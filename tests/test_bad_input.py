@@ -172,18 +172,28 @@ def test_every_bad_invocation_fails_cleanly(files):
 PUZZLE_CHARS = st.text(alphabet="0123456789,|/=\n ab-", max_size=60)
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-@given(kind=st.sampled_from(["sudoku", "path"]), puzzle=PUZZLE_CHARS)
-def test_generated_puzzles_are_answered_or_refused_in_one_line(kind, puzzle):
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(kind=st.sampled_from(["sudoku", "path", "countdown"]), puzzle=PUZZLE_CHARS)
+def test_generated_puzzles_are_accepted_or_refused_in_one_line(kind, puzzle):
     from dreamlm.errors import DreamError
     from dreamlm.solver import normalise_puzzle, resolve_task
+    from dreamlm.tasks import get_task
 
-    try:  # the parser either accepts the puzzle or says why in one line; never anything else
-        task = resolve_task(kind, normalise_puzzle(puzzle))
-        from dreamlm.tasks import get_task
-        get_task(task).parse(normalise_puzzle(puzzle)) if hasattr(get_task(task), "parse") else None
+    text = normalise_puzzle(puzzle)
+    try:  # the parser accepts the puzzle or says why in one line; any other exception fails the test
+        get_task(resolve_task(kind, text)).check_input(text)
     except DreamError as exc:
-        assert "\n" not in str(exc) and str(exc)
+        assert str(exc) and "\n" not in str(exc)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(puzzle=st.text(alphabet="0123456789,|/=", min_size=5, max_size=40))
+def test_generated_star_graphs_run_through_solve_cleanly(puzzle):
+    result = runner.invoke(app, ["solve", "path", puzzle])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code in (0, 2)
+    if result.exit_code == 2:
+        assert result.stderr.startswith("error:") and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_json_output_is_only_json():

@@ -200,3 +200,33 @@ def test_json_output_is_only_json():
     result = runner.invoke(app, ["solve", "sudoku", "0403\n3042\n0234\n4001", "--json"])
     assert result.exit_code == 0
     assert isinstance(json.loads(result.stdout), (list, dict))
+
+
+def test_a_sudoku_without_a_solution_says_so_and_a_wrong_model_is_refused():
+    result = runner.invoke(app, ["solve", "sudoku", "0000\n0000\n0004\n1302"])  # no clash, but no solution
+    assert result.exit_code == 0 and "invalid: breaks the rules (this puzzle has no solution)" in result.stdout
+    result = runner.invoke(app, ["solve", "sudoku", "0403\n3042\n0234\n4001", "-m", str(BUNDLED["star-2-5-diffusion"])])
+    assert result.exit_code == 2 and "was trained on star-2-5 puzzles; it cannot solve sudoku4" in result.stderr
+    result = runner.invoke(app, ["solve", "sudoku", "0" * 17])
+    assert result.exit_code == 2 and "this one has 17" in result.stderr
+
+
+def test_version_and_help_list_every_verb():
+    assert runner.invoke(app, ["--version"]).stdout.startswith("dreamlm ")
+    text = runner.invoke(app, ["--help"]).stdout
+    for verb in ("generate", "infill", "info", "train", "data", "train-tokenizer", "convert", "solve", "demo", "serve",
+                 "bench"):
+        assert f" {verb} " in text
+
+
+def test_show_with_json_keeps_stdout_pure_json():
+    result = runner.invoke(app, ["solve", "sudoku", "0403\n3042\n0234\n4001", "--show", "--json", "--delay", "0"])
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)[0]["valid"] is True  # the live view went to stderr
+
+
+def test_infill_expands_a_typed_newline_and_drops_the_bos_it_added():
+    result = runner.invoke(app, ["infill", "<|mask:2|> x\\ny", "-m", TINY, "--json"])
+    assert result.exit_code == 0, result.stderr
+    body = json.loads(result.stdout)
+    assert body["text"].endswith(" x\ny") and not body["text"].startswith("<|endoftext|>")

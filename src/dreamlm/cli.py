@@ -18,7 +18,8 @@ from dreamlm.errors import DreamError
 from dreamlm.sampling.infill import unwritable_ids
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Dream-style diffusion language models: generate, infill, inspect.")
+                  help="Dream-style diffusion language models: generate, infill, serve, solve puzzles, train, "
+                       "benchmark.")
 out = Console()
 err = Console(stderr=True)
 
@@ -212,7 +213,8 @@ def generate(
             raise DreamError(f"unknown special token {unknown[0]} in the prompt")
         text = tok.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
         ids = tok.encode(text)
-        view = CanvasView(tok, net.config.mask_token_id, len(ids), steps, delay=delay) if show else None
+        view = (CanvasView(tok, net.config.mask_token_id, len(ids), steps, delay=delay, console=err if as_json else None)
+                if show else None)
         try:
             x = diffusion_generate(net, torch.tensor([ids]), max_new_tokens=max_new_tokens,
                                    generation_tokens_hook_func=view,
@@ -244,6 +246,7 @@ def infill(
     with user_errors():
         if not template.strip():
             raise DreamError("the template is empty")
+        template = template.replace("\\n", "\n")  # a typed backslash-n is a newline, as for solve
         check_at_least("--steps", steps)
         net, tok = load(model, dtype, device)
         kwargs = sampler_kwargs(steps or 1, eps, temperature, top_p, top_k, alg, alg_temp, seed)
@@ -311,7 +314,8 @@ def train(
 
 @app.command()
 def data(
-    task: str = typer.Argument(..., help="Task name: sudoku4, sudoku9, cd3, cd4, cd5, star-2-5, star-3-5, star-5-5."),
+    task: str = typer.Argument(..., help="Task name: sudoku4, sudoku9, cd3, cd4, cd5, or star-D-L (a star graph "
+                                         "of D arms of L nodes, e.g. star-2-5)."),
     n: int = typer.Option(1000, "--n", help="Number of examples."),
     seed: int = typer.Option(0, help="Seed (same seed, same file)."),
     split: str = typer.Option("train", help="train, test or ood (countdown's held-out targets)."),
@@ -385,10 +389,10 @@ def solve(
                                                    "(default: one token per step, most confident first)."),
     show: bool = ShowOpt,
     delay: float = typer.Option(0.12, help="Seconds to hold each frame of --show."),
-    as_json: bool = JsonOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of {input, output, valid, ...}."),
 ) -> None:
     """Solve a planning puzzle; prints the answer and whether it obeys the rules."""
-    from dreamlm.solver import Solver, bundled_solver_dir, normalise_puzzle, resolve_task
+    from dreamlm.solver import Solver, bundled_solver_dir, invalid_hint, normalise_puzzle, resolve_task, task_family
     from dreamlm.view import CanvasView
 
     with user_errors():
@@ -415,6 +419,10 @@ def solve(
                 path = Path(model or bundled_solver_dir(name, objective))
                 if path not in loaded:
                     loaded[path] = Solver(path)
+                trained = loaded[path].meta["task"]
+                if task_family(trained) != task_family(name):
+                    raise DreamError(f"{path} was trained on {trained} puzzles; it cannot solve {name} "
+                                     "(drop --model to use the bundled one)")
                 solvers[name] = loaded[path]
                 if model is None and path.name != f"{name}-{objective}":
                     err.print(f"no bundled {name} model: using {path.name}{solvers[name].reading_note(text)}",
@@ -425,7 +433,8 @@ def solve(
                 batches.setdefault(name, []).append(index)
                 continue
             view = CanvasView(solver.tok, solver.model.config.mask_token_id, len(solver.prompt_ids(text)),
-                              steps or solver.budget(text), delay=delay, title=f"{name} · diffusion{solver.view_note}")
+                              steps or solver.budget(text), delay=delay, title=f"{name} · diffusion{solver.view_note}",
+                              console=err if as_json else None)
             try:
                 [results[index]] = solver.solve([text], steps=steps, hook=view)
             finally:
@@ -443,7 +452,8 @@ def solve(
         else:
             for r in results:
                 out.print(r.output, highlight=False)
-                out.print("[green]valid[/]" if r.valid else "[red]invalid: breaks the rules[/]")
+                hint = "" if r.valid else invalid_hint(resolve_task(kind, r.input), r.input)
+                out.print("[green]valid[/]" if r.valid else f"[red]invalid: breaks the rules{hint}[/]")
 
 
 @app.command()
@@ -619,6 +629,21 @@ def bench_serve(model: Optional[Path] = typer.Option(None, "--model", "-m",
         report = serve_bench(Path(path), levels, max_tokens, temperature, per_client, out_dir, prompt)
         print(serve_table(report))
         err.print(f"wrote {out_dir}/serve.(md|json|png)")
+
+
+def version_callback(value: bool) -> None:
+    """--version: print the package version and exit."""
+    if value:
+        from importlib.metadata import version
+
+        out.print(f"dreamlm {version('dreamlm')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
+    """Dream-style diffusion language models: generate, infill, serve, solve puzzles, train, benchmark."""
 
 
 def main() -> None:

@@ -292,7 +292,9 @@ def resolve_task(kind: str, puzzle: str) -> str:
     text = puzzle.strip()
     if kind == "sudoku":
         digits = sum(ch.isdigit() for ch in text)
-        return "sudoku9" if digits > 16 else "sudoku4"
+        if digits not in (16, 81):
+            raise DreamError(f"a sudoku has 16 digits (4x4) or 81 (9x9), 0 for a blank; this one has {digits}")
+        return "sudoku9" if digits == 81 else "sudoku4"
     if kind == "countdown":
         parts = text.split(",")
         return f"cd{max(len(parts) - 1, 1)}"
@@ -300,6 +302,24 @@ def resolve_task(kind: str, puzzle: str) -> str:
         edges, centre, _ = stargraph.parse_input(text)
         return "star-{}-{}".format(*stargraph.shape(edges, centre))
     raise DreamError(f"unknown task {kind!r}; use sudoku, countdown, path or one of {', '.join(TASKS)}")
+
+
+def task_family(task: str) -> str:
+    """What a model can be asked: any star graph for a star model (stretched, decoys), else its own task."""
+    return "star" if task.startswith("star-") else task
+
+
+def invalid_hint(task: str, puzzle: str) -> str:
+    """Why an answer may be invalid beyond the model's mistake: a sudoku without any solution says so."""
+    if task.startswith("sudoku"):
+        from dreamlm.tasks import sudoku
+
+        try:
+            if sudoku.count_solutions(sudoku.parse(puzzle), limit=1) == 0:
+                return " (this puzzle has no solution)"
+        except DreamError:
+            return ""
+    return ""
 
 
 def normalise_puzzle(text: str) -> str:

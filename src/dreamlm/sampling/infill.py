@@ -116,4 +116,5 @@ def infill(model: "DreamModel", tokenizer: "DreamTokenizer", template: str, step
                              constraints=constraints, **kwargs)
     ids = out[0].tolist() if isinstance(out, torch.Tensor) else out.sequences[0].tolist()
     fills = [tokenizer.decode(ids[a:b]) for a, b in tpl.spans]
-    return InfillResult(ids=ids, text=tokenizer.decode(ids), fills=fills, spans=tpl.spans)
+    start = 1 if MASK_SPAN.match(template) else 0  # parse_template put BOS before a leading mask: not the user's text
+    return InfillResult(ids=ids, text=tokenizer.decode(ids[start:]), fills=fills, spans=tpl.spans)

@@ -230,3 +230,26 @@ def test_infill_expands_a_typed_newline_and_drops_the_bos_it_added():
     assert result.exit_code == 0, result.stderr
     body = json.loads(result.stdout)
     assert body["text"].endswith(" x\ny") and not body["text"].startswith("<|endoftext|>")
+
+
+def test_an_interrupted_solve_file_keeps_what_it_solved(tmp_path, monkeypatch):
+    import dreamlm.solver as solver_module
+    from dreamlm.tasks import make_examples
+
+    puzzles = tmp_path / "in.jsonl"
+    puzzles.write_text("".join(json.dumps({"input": e["input"]}) + "\n" for e in make_examples("sudoku4", 100, 5)))
+    real, calls = solver_module.Solver.solve, []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second chunk of 64
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(solver_module.Solver, "solve", interrupted)
+    out = tmp_path / "out.jsonl"
+    result = runner.invoke(app, ["solve", "sudoku", "--file", str(puzzles), "--out", str(out)])
+    assert result.exit_code == 130 and "64 puzzles solved so far" in result.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 64 and [x["input"] for x in lines] == [e["input"] for e in make_examples("sudoku4", 64, 5)]
+    assert not list(tmp_path.glob("*.partial"))

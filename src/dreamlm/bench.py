@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -63,7 +63,12 @@ STAR_GRID = tuple((d, l) for d in range(2, 6) for l in range(2, 6)) + ((2, 8), (
     ((1, 5), (1, 8)) + ((6, 5), (7, 3), (8, 5), (10, 5))
 
 
-def star_grid(n: int, shapes: tuple[tuple[int, int], ...] = STAR_GRID) -> dict[str, Any]:
+def _nothing(n: int = 1, label: str | None = None) -> None:
+    """The default progress callback."""
+
+
+def star_grid(n: int, shapes: tuple[tuple[int, int], ...] = STAR_GRID,
+              advance: Callable[..., None] = _nothing) -> dict[str, Any]:
     """Diffusion vs AR on held-out star graphs of each shape G(d, l), each solved by the bundled pair that
     `dreamlm solve path` picks for it (its own, or one of more arms or longer arms, see `bundled_solver_dir`);
     shapes no bundled pair covers are left out."""
@@ -82,11 +87,13 @@ def star_grid(n: int, shapes: tuple[tuple[int, int], ...] = STAR_GRID) -> dict[s
                 solvers[path] = Solver(path)
             entry[kind] = vars(score(solvers[path], puzzles))
         grid[name] = entry
+        advance(label=name)
     return grid
 
 
 def planning(n: int = 200, tasks: list[str] | None = None, out_dir: Path | None = None,
-             steps_fractions: tuple[float, ...] = (0.25, 0.5, 1.0), grid: bool = True) -> dict[str, Any]:
+             steps_fractions: tuple[float, ...] = (0.25, 0.5, 1.0), grid: bool = True,
+             advance: Callable[..., None] = _nothing) -> dict[str, Any]:
     """Diffusion vs AR on each task's held-out split (and Countdown's OOD split); diffusion accuracy vs steps; with
     `grid`, diffusion vs AR on star graphs of every shape in STAR_GRID."""
     names = available_tasks(tasks)
@@ -110,9 +117,10 @@ def planning(n: int = 200, tasks: list[str] | None = None, out_dir: Path | None 
             curve.append({"steps": steps, **vars(score(diffusion, puzzles, steps=steps))})
         entry["steps_curve"] = curve
         results[name] = entry
+        advance(label=name)
     report = {"machine": machine(), "command": "dreamlm " + " ".join(sys.argv[1:]), "n": n, "results": results}
     if grid:
-        report["star_grid"] = star_grid(n)
+        report["star_grid"] = star_grid(n, advance=advance)
     if out_dir is not None:
         write_planning_report(report, out_dir)
     return report
@@ -224,7 +232,8 @@ def _generated_tokens(solver: Solver, puzzles: list[str], solutions: list) -> in
 
 
 def speed(task: str = "sudoku4", n: int = 100, out_dir: Path | None = None,
-          shape: dict[str, int] | None = None, compile: bool = False) -> dict[str, Any]:  # noqa: A002
+          shape: dict[str, int] | None = None, compile: bool = False,  # noqa: A002
+          advance: Callable[..., None] = _nothing) -> dict[str, Any]:
     """Vanilla Dream sampling vs each fast mode vs the same-size AR model with a KV cache, on one task's held-out
     split, one puzzle at a time (latency) — plus a random-weight throughput run at `shape`. With `compile`, also
     the torch.compile'd static-shape path (compilation is done in a warm-up, outside the timing)."""
@@ -238,6 +247,7 @@ def speed(task: str = "sudoku4", n: int = 100, out_dir: Path | None = None,
     if compile:
         modes["threshold 0.99 + compile"] = {"threshold": 0.99, "compile": True, **P_X0}
     for label, options in modes.items():
+        advance(label=label)
         if not options:  # vanilla: Dream's own schedule, one step per answer slot
             options = {"steps": diffusion.budget(puzzles[0])}
         rows.append(_speed_row(label, diffusion, puzzles, options))

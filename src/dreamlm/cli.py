@@ -57,6 +57,26 @@ def load(model_dir: Optional[Path], dtype: Optional[str], device: Optional[str])
     return model, model.tokenizer
 
 
+@contextmanager
+def progress(what: str, total: Optional[int] = None) -> Iterator:
+    """A progress bar on stderr (with an ETA when the total is known); silent when stderr is not a terminal.
+    Yields `advance(n=1, label=None)`."""
+    if not err.is_terminal:
+        yield lambda n=1, label=None: None
+        return
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn()] + ([TimeRemainingColumn()] if total else [])
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(what, total=total)
+
+        def advance(n: int = 1, label: Optional[str] = None) -> None:
+            bar.update(task, advance=n, description=f"{what} {label}" if label else what)
+        yield advance
+
+
 def read_puzzle_file(file: Path) -> list[str]:
     """The "input" of each line of a JSONL file (UTF-8, a BOM allowed); DreamError naming the first bad line."""
     if not file.exists():
@@ -439,13 +459,8 @@ def solve(
                 [results[index]] = solver.solve([text], steps=steps, hook=view)
             finally:
                 view.close()
-        for name, members in batches.items():
-            solutions = solvers[name].solve_batches([puzzles[i] for i in members], steps=steps)
-            for index, solution in zip(members, solutions):
-                results[index] = solution
+        solve_in_order(solvers, batches, puzzles, results, steps, out_file)
         if out_file is not None:
-            out_file.write_text("".join(json.dumps({"input": r.input, "output": r.output, "valid": r.valid}) + "\n"
-                                        for r in results))
             err.print(f"{sum(r.valid for r in results)}/{len(results)} valid; wrote {out_file}")
         elif as_json:
             print(json.dumps([r.to_dict() for r in results]))
@@ -454,6 +469,45 @@ def solve(
                 out.print(r.output, highlight=False)
                 hint = "" if r.valid else invalid_hint(resolve_task(kind, r.input), r.input)
                 out.print("[green]valid[/]" if r.valid else f"[red]invalid: breaks the rules{hint}[/]")
+
+
+def solve_in_order(solvers: dict, batches: dict[str, list[int]], puzzles: list[str], results: list,
+                   steps: Optional[int], out_file: Optional[Path], chunk: int = 64) -> None:
+    """Solve the batched puzzles in input order, `chunk` at a time (each chunk batched per task), with a progress
+    bar (puzzles already solved, under --show, are only written). With `out_file`, each chunk's lines are appended to a temporary file as they are solved, which becomes
+    `out_file` at the end (atomically) or on Ctrl-C: an interrupt keeps every line already solved."""
+    import os
+
+    task_of = {i: name for name, members in batches.items() for i in members}
+    order = list(range(len(puzzles)))  # puzzles shown live are solved already; their lines are written in place
+    handle = tmp = None
+    if out_file is not None:
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_file.with_name(out_file.name + ".partial")
+        handle = tmp.open("w", encoding="utf-8")
+    try:
+        with progress("solving", len(order) if len(order) > chunk else None) as advance:
+            for start in range(0, len(order), chunk):
+                part = order[start:start + chunk]
+                for name in dict.fromkeys(task_of[i] for i in part if i in task_of):
+                    members = [i for i in part if task_of.get(i) == name]
+                    for index, solution in zip(members, solvers[name].solve([puzzles[i] for i in members],
+                                                                           steps=steps)):
+                        results[index] = solution
+                if handle is not None:
+                    handle.writelines(json.dumps({"input": results[i].input, "output": results[i].output,
+                                                  "valid": results[i].valid}) + "\n" for i in part)
+                    handle.flush()
+                advance(len(part))
+    except KeyboardInterrupt:
+        if handle is not None:
+            handle.close()
+            os.replace(tmp, out_file)
+            err.print(f"interrupted: the {sum(r is not None for r in results)} puzzles solved so far are in {out_file}")
+        raise
+    if handle is not None:
+        handle.close()
+        os.replace(tmp, out_file)
 
 
 @app.command()
@@ -557,7 +611,8 @@ app.add_typer(bench_app, name="bench")
 
 @bench_app.command("planning")
 def bench_planning(n: int = typer.Option(200, help="Held-out puzzles per task and split."),
-                   out_dir: Path = typer.Option(Path("benchmarks/results"), "--out", help="Where to write tables."),
+                   out_dir: Path = typer.Option(Path("dreamlm-bench"), "--out", help="Folder for the tables, JSON and plot "
+                                                                 "(the repo's own: benchmarks/results)."),
                    star_grid: bool = typer.Option(True, help="Also star graphs G(d, l) of many shapes, each "
                                                             "with the bundled pair `solve path` picks for it.")
                    ) -> None:
@@ -567,7 +622,8 @@ def bench_planning(n: int = typer.Option(200, help="Held-out puzzles per task an
     with user_errors():
         check_at_least("--n", n)
         output_dir(out_dir)
-        report = planning(n=n, out_dir=out_dir, grid=star_grid)
+        with progress("bench planning") as advance:
+            report = planning(n=n, out_dir=out_dir, grid=star_grid, advance=advance)
         print(planning_table(report))
         err.print(f"machine: {report['machine']}; wrote {out_dir}/planning.(md|json|png)")
 
@@ -582,7 +638,8 @@ def bench_speed(task: str = typer.Option("sudoku4", help="Planning task whose bu
                 dtype: str = typer.Option("float32", help="Throughput run dtype (bfloat16 on GPUs)."),
                 compile_: bool = typer.Option(False, "--compile",
                                               help="Also time the torch.compile static-shape path (compiles first)."),
-                out_dir: Path = typer.Option(Path("benchmarks/results"), "--out", help="Where to write tables.")
+                out_dir: Path = typer.Option(Path("dreamlm-bench"), "--out", help="Folder for the tables, JSON and plot "
+                                                                 "(the repo's own: benchmarks/results).")
                 ) -> None:
     """Vanilla Dream sampling vs fast modes vs AR with a KV cache: accuracy, passes, tokens/s, latency."""
     from dreamlm.bench import speed, speed_table
@@ -593,8 +650,10 @@ def bench_speed(task: str = typer.Option("sudoku4", help="Planning task whose bu
             check_at_least(name, value)
         check_dtype(dtype)
         output_dir(out_dir)
-        report = speed(task, n, out_dir, dict(hidden=hidden, layers=layers, new_tokens=new_tokens,
-                                              per_forward=per_forward, dtype=dtype), compile=compile_)
+        with progress("bench speed") as advance:
+            report = speed(task, n, out_dir, dict(hidden=hidden, layers=layers, new_tokens=new_tokens,
+                                                  per_forward=per_forward, dtype=dtype), compile=compile_,
+                           advance=advance)
         print(speed_table(report))
         err.print(f"machine: {report['machine']}; wrote {out_dir}/speed.(md|json|png)")
 
@@ -607,7 +666,8 @@ def bench_serve(model: Optional[Path] = typer.Option(None, "--model", "-m",
                 temperature: float = typer.Option(0.0, help="Sampling temperature of every request (0 = argmax)."),
                 prompt: str = typer.Option("Request {i}:", help="Prompt of request i ({i} is replaced)."),
                 per_client: int = typer.Option(4, help="Requests per client at each level (at least 16 in all)."),
-                out_dir: Path = typer.Option(Path("benchmarks/results"), "--out", help="Where to write tables.")
+                out_dir: Path = typer.Option(Path("dreamlm-bench"), "--out", help="Folder for the tables, JSON and plot "
+                                                                 "(the repo's own: benchmarks/results).")
                 ) -> None:
     """`dreamlm serve` under load: requests/s, tokens/s, p50/p99 latency, batching on vs off."""
     from dreamlm.serve.bench import serve_bench, serve_table

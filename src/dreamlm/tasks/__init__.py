@@ -281,9 +281,10 @@ def write_dataset(task_name: str, n: int, seed: int, split: str, path: str | Pat
                   workers: int | None = None) -> Path:
     """Write n examples as JSONL lines {"input": ..., "output": ...}; same arguments → byte-identical file."""
     examples = make_examples(task_name, n, seed, split, workers)
+    from dreamlm.checkpoint import atomic_write
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8", newline="\n") as f:
-        for example in examples:
-            f.write(json.dumps(example) + "\n")
+    text = "".join(json.dumps(example) + "\n" for example in examples)
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", newline="\n"))
     return path

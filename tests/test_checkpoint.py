@@ -211,3 +211,19 @@ def test_sizes_and_sharding():
     state = {f"t{i}": torch.zeros(10) for i in range(5)}  # 40 bytes each
     assert shard_names(state, 100) == [["t0", "t1"], ["t2", "t3"], ["t4"]]
     assert shard_names(state, 10) == [[f"t{i}"] for i in range(5)]
+
+
+@pytest.mark.parametrize("bad", ["int", "nan"])
+def test_integer_or_nan_weights_are_refused(tmp_path, bad):
+    from safetensors.torch import load_file, save_file
+
+    from dreamlm.tiny import make_tiny_checkpoint
+
+    make_tiny_checkpoint(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    name = "model.norm.weight"
+    tensors[name] = tensors[name].to(torch.int32) if bad == "int" else tensors[name].float().fill_(float("nan"))
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    message = "holds int32 values; weights must be floating point" if bad == "int" else "holds NaN or infinite"
+    with pytest.raises(DreamError, match=message):
+        DreamModel.from_pretrained(tmp_path)

@@ -96,3 +96,9 @@ def test_console_script_error_has_no_traceback():
 
 def test_default_model_is_bundled():
     assert (default_model_dir() / "config.json").is_file()
+
+
+def test_live_views_draw_special_tokens_as_glyphs():
+    from dreamlm.view import readable
+
+    assert readable("0403<|sep|>2413<|endoftext|><|pad|><|pad|>") == "0403 │ 2413⏹··"

@@ -70,3 +70,12 @@ def test_bad_files_give_clear_errors(tmp_path, tokenizer):
     (tmp_path / "merges.txt").write_text("#version: 0.2\na b c\n")
     with pytest.raises(DreamError, match="line 2 is not a 'left right' pair"):
         DreamTokenizer.from_pretrained(tmp_path)
+
+
+def test_a_character_tokenizer_refuses_characters_outside_its_alphabet():
+    from dreamlm.training.data import char_tokenizer
+
+    tok = char_tokenizer("0123\n")
+    assert tok.decode(tok.encode("0123<|sep|>12")) == "0123<|sep|>12"
+    with pytest.raises(DreamError, match="character 'x' is not in this model's alphabet"):
+        tok.encode("01x3")

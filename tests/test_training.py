@@ -421,3 +421,28 @@ def test_compose_words_needs_compound_words():
                                   "data.seq_len=16"])
     with pytest.raises(DreamError, match="compose_words: no char_words token is made of other tokens"):
         build_model(cfg, build_tokenizer(cfg))  # the names 10..13 are not tokens, so no edge can be composed
+
+
+def test_a_nan_loss_stops_the_run_without_exporting(tmp_path, corpus, monkeypatch):
+    from dreamlm.training import trainer as trainer_module
+
+    real = trainer_module.Trainer.train_step
+
+    def diverging(self):
+        metrics = real(self)
+        if self.step == 3:
+            metrics["loss"] = float("nan")
+        return metrics
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", diverging)
+    with pytest.raises(DreamError, match="the loss is nan at step 3: training diverged"):
+        train(pretrain_cfg(corpus, tmp_path / "n"))
+    assert not (tmp_path / "n" / "final").exists()
+    assert (tmp_path / "n" / "checkpoints" / "latest").read_text().strip() == "step-0000002"
+
+
+def test_resume_with_another_model_shape_is_one_clear_error(tmp_path, corpus):
+    assert train(pretrain_cfg(corpus, tmp_path / "s", "run.stop_at=2")) is None
+    with pytest.raises(DreamError, match="does not fit this config's model") as info:
+        train(pretrain_cfg(corpus, tmp_path / "s", "model.hidden_size=48"), resume=True)
+    assert "\n" not in str(info.value)

@@ -172,7 +172,12 @@ def load_from_info(info: CheckpointInfo, dtype: torch.dtype | str | None = None,
         with safe_open(str(file), framework="pt", device=str(device)) as f:
             for name in names:
                 tensor = f.get_tensor(name)
-                if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                if not tensor.is_floating_point():
+                    raise DreamError(f"{file.name}: {name} holds {str(tensor.dtype).replace('torch.', '')} values; "
+                                     "weights must be floating point")
+                if not bool(torch.isfinite(tensor).all()):
+                    raise DreamError(f"{file.name}: {name} holds NaN or infinite values; the checkpoint is broken")
+                if dtype is not None and tensor.dtype != dtype:
                     tensor = tensor.to(dtype)
                 _assign(model, name, tensor)
     if tied:

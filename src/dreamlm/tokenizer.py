@@ -182,7 +182,16 @@ class DreamTokenizer:
 
     # ---- text ----------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        """Ids of text; special token strings in it become their ids; no BOS/EOS added."""
+        """Ids of text; special token strings in it become their ids; no BOS/EOS added. A character tokenizer
+        refuses characters outside its alphabet (they would silently become <|pad|>)."""
+        alphabet = self.config.get("alphabet")
+        if alphabet is not None:
+            plain = text
+            for special in self.special_tokens():
+                plain = plain.replace(special, "")
+            unknown = sorted(set(plain) - set(alphabet))
+            if unknown:
+                raise DreamError(f"character {unknown[0]!r} is not in this model's alphabet {alphabet!r}")
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:

@@ -17,6 +17,17 @@ if TYPE_CHECKING:
 MASK_GLYPH = "░"
 
 
+# special tokens drawn as glyphs in live views (the raw strings are noise there; the text output keeps none of them)
+SPECIAL_GLYPHS = {"<|sep|>": " │ ", "<|pad|>": "·", "<|endoftext|>": "⏹"}
+
+
+def readable(text: str) -> str:
+    """Text for a live view: the planning models' special tokens as glyphs."""
+    for special, glyph in SPECIAL_GLYPHS.items():
+        text = text.replace(special, glyph)
+    return text
+
+
 class CanvasView:
     """A tokens hook for `diffusion_generate` that redraws row 0 of the canvas after every step."""
 
@@ -31,14 +42,16 @@ class CanvasView:
     def render(self, ids: list[int], step: int | None) -> Panel:
         """One frame: context dim, new tokens highlighted, masks as glyphs."""
         text = Text()
-        text.append(self.tokenizer.decode(ids[: self.start]), style="dim")
+        text.append(readable(self.tokenizer.decode(ids[: self.start])), style="dim")
         for pos in range(self.start, len(ids)):
             token = ids[pos]
             if token == self.mask_token_id:
                 text.append(MASK_GLYPH, style="grey50")
                 continue
             fresh = self.previous is not None and self.previous[pos] == self.mask_token_id
-            text.append(self.tokenizer.decode([token]), style="bold green" if fresh else "")
+            piece = self.tokenizer.decode([token])
+            shown = readable(piece)
+            text.append(shown, style="bold green" if fresh else "dim" if shown != piece else "")
         masks = sum(1 for t in ids[self.start:] if t == self.mask_token_id)
         label = "start" if step is None else f"step {step + 1}/{self.steps}"
         footer = Text(f"{label} · {masks} masks left", style="cyan")

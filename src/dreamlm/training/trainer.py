@@ -364,7 +364,13 @@ class Trainer:
         if loaded is None:
             return False
         model_state, state = loaded
-        load_full_state(self.model, self.optimizer, model_state, state["optimizer"], self.world)
+        try:
+            load_full_state(self.model, self.optimizer, model_state, state["optimizer"], self.world)
+        except (RuntimeError, KeyError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
+            raise DreamError(f"the checkpoint in {self.out} does not fit this config's model (was the model "
+                             f"changed since?); resume with the run's own config or choose a new out_dir ({first})"
+                             ) from None
         self.step = int(state["step"])
         self.train_source.load_state_dict(state["data"])
         torch.set_rng_state(state["torch_rng"])
@@ -416,6 +422,9 @@ class Trainer:
         try:
             while self.step < last:
                 metrics = self.train_step()
+                if not math.isfinite(metrics["loss"]):
+                    raise DreamError(f"the loss is {metrics['loss']} at step {self.step}: training diverged (lower "
+                                     "optim.lr, or check the data); nothing exported, the last checkpoint is kept")
                 losses.append(metrics["loss"])
                 tokens_since += metrics["tokens"]
                 if self.step % cfg.run.log_every == 0 or self.step == last:

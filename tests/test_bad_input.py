@@ -99,6 +99,8 @@ def cases(f: dict[str, Path]) -> list[list[str]]:
     for setting in ["nosection=1", "optim.nope=1", "optim.max_steps=abc", "model.attention_bias=false",
                     "optim.lr=nan", "run.out_dir="]:
         out.append(["train", "--set", setting, "--max-steps", "1", "--out-dir", str(f["dir"] / "run")])
+    out.append(["train", "--out-dir", str(f["text"]), "--max-steps", "1"])  # a file where the run folder goes
+    out.append(["train-tokenizer", under_file, "--vocab-size", "400", "--data", str(f["text"])])
     for extra in (["--max-steps", "0"], ["--objective", "bogus"], ["--stage", "bogus"]):
         out.append(["train", "--out-dir", str(f["dir"] / "run"), *extra])
     sudoku_bad = ["12345", "0403\n3042\n0234", "0" * 17, "0" * 25, "abcd\nefgh\nijkl\nmnop", "0403\n3042\n0234\n4005",

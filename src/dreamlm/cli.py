@@ -216,7 +216,7 @@ def generate(
     """Generate a continuation of PROMPT with Dream's diffusion sampler."""
     import torch
 
-    from dreamlm.sampling import Constraints, cut_at_eos, diffusion_generate
+    from dreamlm.sampling import Constraints, SamplerOptions, advance, cut_at_eos, diffusion_generate, plan
     from dreamlm.view import CanvasView
 
     with user_errors():
@@ -233,16 +233,24 @@ def generate(
             raise DreamError(f"unknown special token {unknown[0]} in the prompt")
         text = tok.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
         ids = tok.encode(text)
-        view = (CanvasView(tok, net.config.mask_token_id, len(ids), steps, delay=delay, console=err if as_json else None)
-                if show else None)
-        try:
-            x = diffusion_generate(net, torch.tensor([ids]), max_new_tokens=max_new_tokens,
-                                   generation_tokens_hook_func=view,
-                                   constraints=Constraints(banned_token_ids=unwritable_ids(net, tok)),
-                                   **kwargs)
-        finally:
-            if view is not None:
+        constraints = Constraints(banned_token_ids=unwritable_ids(net, tok))
+        if show:
+            view = CanvasView(tok, net.config.mask_token_id, len(ids), steps, delay=delay,
+                              console=err if as_json else None)
+            try:
+                x = diffusion_generate(net, torch.tensor([ids]), max_new_tokens=max_new_tokens,
+                                       generation_tokens_hook_func=view, constraints=constraints, **kwargs)
+            finally:
                 view.close()
+        else:  # the same loop, stepped here so that long runs show a progress bar
+            options = SamplerOptions(**{k: v for k, v in kwargs.items() if k != "seed"})
+            state = plan(net, torch.tensor([ids]), max_new_tokens=max_new_tokens, options=options,
+                         constraints=constraints, seed=seed)
+            with torch.no_grad(), progress("denoising", steps) as step_done:
+                while not state.done:
+                    advance(net, [state])
+                    step_done()
+            x = state.x
         new_ids = cut_at_eos(x[0].tolist()[len(ids):], net.config.eos_token_id)
         answer = tok.decode(new_ids, skip_special_tokens=False)
         if as_json:

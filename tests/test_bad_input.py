@@ -30,7 +30,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
         "utf16": root / "utf16.jsonl", "binary": root / "binary.jsonl", "numbers": root / "numbers.jsonl",
         "nulls": root / "nulls.jsonl", "notjson": root / "notjson.jsonl", "bom": root / "bom.jsonl",
         "badconfig": root / "badconfig", "badtoml": root / "bad.toml", "emptyfile": root / "empty.jsonl",
+        "notext": root / "notext.jsonl",
     }
+    made["notext"].write_text('{"title": "x"}\n{"text": 5}\n')
     made["text"].write_text("keep me\n")
     made["dir"].mkdir()
     (made["dir"] / "inside.txt").write_text("keep me too\n")
@@ -86,7 +88,7 @@ def cases(f: dict[str, Path]) -> list[list[str]]:
         args = ["data", "sudoku4", "--n", "5", "--out", str(f["dir"] / "new.jsonl")]
         out.append(args[:-2] + extra if extra[0] == "--out" else args + extra)
     for extra in (["--vocab-size", "0"], ["--vocab-size", "10"], ["--data", "/nonexistent.txt"],
-                  ["--data", str(f["emptyfile"])], ["--data", str(f["empty_dir"])]):
+                  ["--data", str(f["emptyfile"])], ["--data", str(f["empty_dir"])], ["--data", str(f["notext"])]):
         out.append(["train-tokenizer", str(f["dir"] / "tok"), *extra])
     out.append(["train-tokenizer", str(f["text"]), "--vocab-size", "400", "--data", str(f["text"])])
     out.append(["convert", "/nonexistent", str(f["dir"] / "conv")])
@@ -95,6 +97,7 @@ def cases(f: dict[str, Path]) -> list[list[str]]:
     out.append(["convert", TINY, str(f["dir"])])  # not empty: never overwritten
     out.append(["convert", TINY, under_file])
     out.append(["train", str(f["badtoml"])])
+    out.append(["train", "--set", f"data.train={f['notext']}", "--max-steps", "1", "--out-dir", str(f["dir"] / "r")])
     out.append(["train", "/nonexistent.toml"])
     for setting in ["nosection=1", "optim.nope=1", "optim.max_steps=abc", "model.attention_bias=false",
                     "optim.lr=nan", "run.out_dir="]:

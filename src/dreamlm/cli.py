@@ -361,7 +361,8 @@ def data(
         check_at_least("--seed", seed, 0)
         check_at_least("--workers", workers)
         output_file(out)
-        write_dataset(task, n, seed, split, out, workers)
+        with progress(f"making {task} examples", n) as made:
+            write_dataset(task, n, seed, split, out, workers, made)
         err.print(f"wrote {n} {task} {split} examples to {out}")
 
 

@@ -121,13 +121,15 @@ def read_documents(files: list[Path]) -> Iterator[str]:
         if not file.is_file():
             raise DreamError(f"data file {file} does not exist")
         if file.suffix == ".jsonl":
-            with file.open(encoding="utf-8") as fh:
+            with file.open(encoding="utf-8-sig", errors="replace") as fh:
                 for n, line in enumerate(fh, start=1):
                     if line.strip():
                         try:
                             obj = json.loads(line)
                         except json.JSONDecodeError:
                             raise DreamError(f"{file} line {n} is not JSON") from None
+                        if isinstance(obj, dict) and not isinstance(obj.get("text"), str):
+                            raise DreamError(f"{file} line {n}: an object needs a \"text\" string")
                         yield obj["text"] if isinstance(obj, dict) else str(obj)
         else:
             yield file.read_text(encoding="utf-8", errors="replace")

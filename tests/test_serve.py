@@ -431,3 +431,37 @@ def test_sigterm_lets_the_running_request_finish_then_exits():
         assert server.proc.wait(timeout=60) in (0, -signal.SIGTERM)
     finally:
         server.close()
+
+
+def test_a_request_that_fails_inside_the_engine_leaves_the_others_running(server, client, monkeypatch):
+    from dreamlm.sampling import generate as generate_module
+
+    real = generate_module.DecodeState.step
+
+    def step(self, logits):  # the request of 9 new tokens (a 13-token canvas) fails at its 2nd step
+        if self.x.shape[1] == 4 + 9 and self.step_index == 1:
+            raise RuntimeError("boom")
+        return real(self, logits)
+
+    expected = [c.text for c in client.completions.create(model="tiny-dream", prompt=PROMPT, max_tokens=12,
+                                                          seed=1).choices]
+    monkeypatch.setattr(generate_module.DecodeState, "step", step)
+    results: dict = {}
+
+    def good() -> None:
+        results["good"] = [c.text for c in client.completions.create(model="tiny-dream", prompt=PROMPT,
+                                                                     max_tokens=12, seed=1).choices]
+
+    def bad() -> None:
+        try:
+            client.completions.create(model="tiny-dream", prompt=PROMPT, max_tokens=9, seed=1)
+        except openai.APIStatusError as exc:
+            results["bad"] = (exc.status_code, exc.body["message"])
+
+    threads = [threading.Thread(target=good), threading.Thread(target=bad)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results["good"] == expected
+    assert results["bad"][0] == 500 and "RuntimeError: boom" in results["bad"][1]

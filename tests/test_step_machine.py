@@ -297,14 +297,14 @@ def test_cli_generate_bans_the_mask_id(monkeypatch):
     from dreamlm.cli import app
 
     seen = {}
-    real = sampling.diffusion_generate
+    real = sampling.plan  # the CLI steps the machine itself (plan + advance) unless --show
 
     def spy(model, *args, **kwargs):
         seen["banned"] = set(kwargs["constraints"].banned_token_ids)
         seen["mask"] = model.config.mask_token_id
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(sampling, "diffusion_generate", spy)
+    monkeypatch.setattr(sampling, "plan", spy)
     res = CliRunner().invoke(app, ["generate", "Hello", "--max-new-tokens", "4"])
     assert res.exit_code == 0, res.output
     assert seen["mask"] in seen["banned"] and "<|mask|>" not in res.stdout

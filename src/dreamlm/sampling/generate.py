@@ -554,25 +554,45 @@ def _shared_forward(model: "DreamModel", states: Sequence[DecodeState],
 
 
 def advance(model: "DreamModel", states: Sequence[DecodeState],
-            compile: "bool | str | Callable" = False) -> None:  # noqa: A002
+            compile: "bool | str | Callable" = False,  # noqa: A002
+            on_error: Callable[[DecodeState, Exception], None] | None = None) -> None:
     """One step of every unfinished state: those without a cache share ONE model forward (the ones with a cache
-    run their own, since their spans differ); each then commits from the logits of its own masked slots."""
+    run their own, since their spans differ); each then commits from the logits of its own masked slots.
+
+    With `on_error`, a state whose own work fails (its step, its cached forward) is reported there and the others
+    go on (a server keeps serving the rest of the batch); the shared forward failing still raises."""
+
+    def guarded(state: DecodeState, work: Callable[[], None]) -> None:
+        if on_error is None:
+            work()
+            return
+        try:
+            work()
+        except Exception as exc:  # noqa: BLE001 - handed to the caller, who owns the state
+            on_error(state, exc)
+
+    def cached_step(state: DecodeState) -> None:
+        logits = state.cached_logits(model)
+        state.passes += 1
+        state.step(logits)
+
+    def shared_step(state: DecodeState, logits: torch.Tensor) -> None:
+        state.passes += 1
+        state.step(logits)
+
     shared = []
     for state in states:
         if state.prepare() is None:
             continue
         if state.kv is not None:
-            logits = state.cached_logits(model)
-            state.passes += 1
-            state.step(logits)
+            guarded(state, lambda s=state: cached_step(s))
         elif state.needs_forward:
             shared.append(state)
         else:
-            state.step(None)  # nothing masked and no hook: Dream's step would change nothing
+            guarded(state, lambda s=state: s.step(None))  # nothing masked, no hook: Dream's step changes nothing
     if shared:
         for state, logits in zip(shared, _shared_forward(model, shared, compile)):
-            state.passes += 1
-            state.step(logits)
+            guarded(state, lambda s=state, lg=logits: shared_step(s, lg))
 
 
 def check_compile(compile: "bool | str | Callable", options: SamplerOptions) -> None:  # noqa: A002

@@ -184,8 +184,16 @@ class Engine:
     def _step(self) -> None:
         active = list(self._active)
         start = time.perf_counter()
+        failed: dict[int, Exception] = {}
         with torch.inference_mode():  # cheaper than no_grad; the states are only read outside the engine
-            advance(self.model, [job.state for job in active])
+            advance(self.model, [job.state for job in active],
+                    on_error=lambda state, exc: failed.__setitem__(id(state), exc))
+        for job in [j for j in active if id(j.state) in failed]:  # only the requests that failed leave
+            exc = failed[id(job.state)]
+            log.error("engine %s: a request failed: %s: %s", self.name, type(exc).__name__, exc)
+            active.remove(job)
+            self._active.remove(job)
+            self._finish(job, "error", f"the model failed on this request: {type(exc).__name__}: {exc}")
         seconds = time.perf_counter() - start
         committed = 0
         for job in active:

@@ -133,6 +133,8 @@ def test_a_star_graph_is_drawn_with_its_path(page):
     page.fill("#puzzle-text", "52,23|72,50|23,79|64,72|50,84|79,41|84,77|64,52/64,41=")
     page.click("#puzzle-go")
     expect(page.locator("#board-diffusion .verdict")).to_contain_text("valid by the rules", timeout=30_000)
+    assert page.locator("#board-diffusion .answer").inner_text() == "64,52,23,79,41"  # the puzzle's own names
+    assert not page.is_visible("#sudoku-editor")  # the grid editor is for sudoku only
     assert page.locator("#board-diffusion svg circle").count() == 9
     assert page.locator("#board-diffusion svg line[stroke-width='4']").count() == 4  # the path 64-52-23-79-41
 

@@ -390,8 +390,9 @@ async function solveWith(kind, task, puzzle) {
       else if (!view.firstChild) drawStar(view, puzzle, []);
       answer.textContent = answerText(data.tokens);
       before = data.tokens;
+      answer.title = "live: names as the model reads them";
     } else if (data.type === "done") {
-      answer.textContent = data.answer + (data.view ? `  (${data.view})` : "");
+      answer.textContent = data.answer;  // in the puzzle's own names (live frames show the model's view)
       if (!isSudoku()) drawStar(view, puzzle, data.answer.split(",").map(Number));
       verdict.textContent = (data.valid ? "valid by the rules" : "breaks the rules")
         + ` · ${data.passes} forward passes · ${data.ms} ms`;

@@ -175,17 +175,23 @@ class DreamLM(LM):
         if self.solver is not None:
             solutions = self.solver.solve_batches([context for context, _ in items], batch=max(self.batch_size, 64))
             return [cut_at_stops(s.output, _until(kw)) for s, (_, kw) in zip(solutions, items)]
-        out: list[str] = []
-        for start in range(0, len(items), self.batch_size):
-            chunk = items[start:start + self.batch_size]
-            states, spans = zip(*(self._plan(context, kwargs) for context, kwargs in chunk))
-            while not all(s.done for s in states):
-                advance(self.model, [s for s in states if not s.done])
-            for state, span, (_, kwargs) in zip(states, spans, chunk):
-                ids = state.output().squeeze(0).tolist()
-                pieces = [cut_at_eos(ids[a:b], self.model.config.eos_token_id) for a, b in span]
-                text = "".join(self.tok.decode(p, skip_special_tokens=True) for p in pieces)
-                out.append(cut_at_stops(text, _until(kwargs)))
+        planned = [self._plan(context, kwargs) for context, kwargs in items]
+        # batch only canvases of one length: no padding, so a request's tokens never depend on its batch mates
+        # (with left-padding the attention takes another kernel path whose last bits differ, and near-ties flip)
+        by_length: dict[int, list[int]] = {}
+        for i, (state, _) in enumerate(planned):
+            by_length.setdefault(state.x.shape[1], []).append(i)
+        for members in by_length.values():
+            for start in range(0, len(members), self.batch_size):
+                states = [planned[i][0] for i in members[start:start + self.batch_size]]
+                while not all(s.done for s in states):
+                    advance(self.model, [s for s in states if not s.done])
+        out = []
+        for (state, spans), (_, kwargs) in zip(planned, items):
+            ids = state.output(False).squeeze(0).tolist()
+            pieces = [cut_at_eos(ids[a:b], self.model.config.eos_token_id) for a, b in spans]
+            text = "".join(self.tok.decode(p, skip_special_tokens=True) for p in pieces)
+            out.append(cut_at_stops(text, _until(kwargs)))
         return out
 
     def _plan(self, context: str, kwargs: dict[str, Any]) -> tuple[Any, list[tuple[int, int]]]:

@@ -93,6 +93,9 @@ class DreamLM(LM):
             raise DreamError("mc_num and mc_batch_size must be >= 1 and sampling_eps in (0, 1)")
         self.seed = int(seed)
         self._rank, self._world_size = _join_process_group()
+        if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise DreamError(f"device {device!r} asked for, but this machine has no CUDA; pass device cpu "
+                             "(lm_eval's CLI defaults to cuda: add --device cpu)")
         if device is None and torch.cuda.is_available():
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         self.solver = Solver(path, device=device) if (path / TASK_FILE).is_file() else None

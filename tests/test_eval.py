@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ lm_eval = pytest.importorskip("lm_eval")
 
 from dreamlm.cli import app, default_model_dir  # noqa: E402
 from dreamlm.errors import DreamError  # noqa: E402
-from dreamlm.eval import TASK_DIR, evaluate  # noqa: E402
+from dreamlm.eval import TASK_DIR, default_tasks, evaluate  # noqa: E402
 from dreamlm.eval.harness import DreamLM, cut_at_stops  # noqa: E402
 from dreamlm.eval.likelihood import greedy_match, maskable_positions, mc_elbo  # noqa: E402
 from dreamlm.model import DreamModel  # noqa: E402
@@ -158,9 +157,14 @@ def test_stop_sequences_cut_the_text():
     assert cut == full.split(stop)[0] and stop not in cut
 
 
-def test_rolling_refused():
+def test_rolling_and_ar_likelihood_refused():
     with pytest.raises(DreamError, match="loglikelihood_rolling"):
         DreamLM(str(TINY)).loglikelihood_rolling([Request("some text")])
+    ar = bundled_model_dir("sudoku4-ar")
+    with pytest.raises(DreamError, match="causal"):
+        DreamLM(str(ar)).loglikelihood([Request("0000\n0000\n0000\n0000", "1234")])
+    assert default_tasks(ar) == ["dreamlm_sudoku4"]
+    assert default_tasks(SUDOKU) == ["dreamlm_sudoku4", "dreamlm_sudoku4_mc"]
 
 
 def test_seeds_give_identical_results_in_any_batch():

@@ -533,7 +533,6 @@ def eval_cmd(
 
     with user_errors():
         from dreamlm.eval import evaluate
-        from dreamlm.eval.harness import DreamLM  # noqa: F401 - registers the model class
 
         if bundled and model:
             raise DreamError("give --model or --bundled, not both")

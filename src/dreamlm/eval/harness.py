@@ -154,6 +154,9 @@ class DreamLM(LM):
     # ---- request types ------------------------------------------------------------------------------------------
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """(MC ELBO of the continuation in nats, greedy match) per (context, continuation) request."""
+        if self.model.causal:
+            raise DreamError("this is a causal (AR baseline) model: the MC ELBO needs a diffusion model; evaluate "
+                             "it on generation tasks only")
         out = []
         for request in requests:
             context, continuation = request.args

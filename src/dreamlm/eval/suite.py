@@ -22,15 +22,14 @@ def task_names() -> list[str]:
 
 
 def default_tasks(model_dir: str | Path) -> list[str]:
-    """A planning model's own tasks (generation; likelihood too for a diffusion sudoku model), else the text
-    tasks."""
+    """A planning model's own tasks (generation; the likelihood task too unless the model is causal, an AR
+    baseline), else the text tasks."""
     meta_file = Path(model_dir) / "dreamlm_task.json"
     if not meta_file.is_file():
         return list(TEXT_TASKS)
     meta = json.loads(meta_file.read_text())
     tasks = PLANNING_TASKS.get(meta.get("task"), [])
-    causal = json.loads((Path(model_dir) / "config.json").read_text()).get("is_causal", False) or \
-        Path(model_dir).name.endswith("-ar")
+    causal = bool(json.loads((Path(model_dir) / "config.json").read_text()).get("causal", False))
     return [t for t in tasks if not (causal and t.endswith("_mc"))]
 
 

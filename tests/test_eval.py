@@ -206,3 +206,18 @@ def test_cli_bad_input_is_one_line_exit_2(args, message):
     result = runner.invoke(app, ["eval", *args])
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_shipped_puzzle_sets_are_the_generators_held_out_split():
+    """The shipped planning and multiple-choice data regenerate exactly (`python -m dreamlm.eval.data`), and every MC
+    item has exactly one valid choice, the labelled one."""
+    from dreamlm.eval.data import planning_set, sudoku_mc_set
+    from dreamlm.tasks import get_task
+
+    assert rows("sudoku4.jsonl", 100) == planning_set("sudoku4", 100)
+    assert rows("star-3-5.jsonl", 100) == planning_set("star-3-5", 100)
+    mc = rows("sudoku4_mc.jsonl", 100)
+    assert mc == sudoku_mc_set(100)
+    task = get_task("sudoku4")
+    for doc in mc:
+        assert [task.validate(doc["input"], c) for c in doc["choices"]] == [i == doc["label"] for i in range(4)]

@@ -157,6 +157,13 @@ def test_stop_sequences_cut_the_text():
     assert cut == full.split(stop)[0] and stop not in cut
 
 
+def test_chat_template_wraps_the_prompt():
+    lm = DreamLM(str(TINY))
+    text = lm.apply_chat_template([{"role": "user", "content": "fill this"}])
+    assert text == lm.tok.apply_chat_template([{"role": "user", "content": "fill this"}])
+    assert "fill this" in text and text != "fill this"
+
+
 def test_rolling_and_ar_likelihood_refused():
     with pytest.raises(DreamError, match="loglikelihood_rolling"):
         DreamLM(str(TINY)).loglikelihood_rolling([Request("some text")])
@@ -184,7 +191,7 @@ def test_two_process_shard_union_equals_one_process(tmp_path):
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     subprocess.run([sys.executable, "-m", "dreamlm", *args, "-o", str(one)], check=True, env=env,
                    capture_output=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     "-m", "dreamlm", *args, "-o", str(two)], check=True, env=env, capture_output=True)
     a, b = json.loads(one.read_text())["runs"][0], json.loads(two.read_text())["runs"][0]
     assert a["samples"] == b["samples"] and a["tasks"] == b["tasks"]

@@ -157,6 +157,15 @@ def test_stop_sequences_cut_the_text():
     assert cut == full.split(stop)[0] and stop not in cut
 
 
+def test_likelihood_pairs_encode_as_lm_eval_does():
+    lm = DreamLM(str(TINY))
+    assert lm.encode_pair("Question: 2+2 = ", "4") == (lm.tok.encode("Question: 2+2 ="), lm.tok.encode(" 4"))
+    assert lm.encode_pair("", "abc") == ([lm.model.config.bos_token_id], lm.tok.encode("abc"))
+    sudoku = DreamLM(str(SUDOKU))  # a planning model: its prompt layout (puzzle + separator)
+    puzzle = rows("sudoku4.jsonl", 1)[0]["input"]
+    assert sudoku.encode_pair(puzzle, "1")[0] == sudoku.solver.prompt_ids(puzzle)
+
+
 def test_chat_template_wraps_the_prompt():
     lm = DreamLM(str(TINY))
     text = lm.apply_chat_template([{"role": "user", "content": "fill this"}])

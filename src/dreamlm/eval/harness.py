@@ -151,6 +151,24 @@ class DreamLM(LM):
             ids = [bos] + ids
         return ids
 
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """(context ids, continuation ids) for a likelihood request. Text models, as lm-eval's HF model and Dream's
+        harness: trailing spaces of the context move to the continuation, the whole text is encoded once and split
+        after the context's own tokens (so " A" scores as the model would write it). Never an empty context: BOS
+        (else EOS) stands in, since position 0 is never scored."""
+        if self.solver is not None:
+            return self.solver.prompt_ids(context), self.tok.encode(continuation)
+        spaces = len(context) - len(context.rstrip(" "))
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        ctx = self.encode_context(context)
+        whole = self.encode_context(context + continuation)
+        if not ctx:
+            first = self.model.config.bos_token_id
+            ctx = [first if first is not None else self.model.config.eos_token_id]
+            return ctx, whole
+        return ctx, whole[len(ctx):]
+
     # ---- request types ------------------------------------------------------------------------------------------
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """(MC ELBO of the continuation in nats, greedy match) per (context, continuation) request."""
@@ -160,8 +178,7 @@ class DreamLM(LM):
         out = []
         for request in requests:
             context, continuation = request.args
-            ctx = self.encode_context(context)
-            cont = self.tok.encode(continuation)
+            ctx, cont = self.encode_pair(context, continuation)
             if not cont:
                 raise DreamError(f"the continuation {continuation!r} encodes to no tokens")
             ll = mc_elbo(self.model, ctx, cont, self.mc_num, self.mc_batch_size, self.sampling_eps, self.keep_last,

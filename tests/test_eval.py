@@ -92,9 +92,9 @@ def test_mc_elbo_converges_to_exact_enumeration(tiny, keep_last):
     assert spread[1024] < spread[64] / 2
 
 
-def test_mc_elbo_one_token_continuation_is_zero_as_dream(tiny):
-    """Dream's scripts never mask the last position: a one-token continuation scores exactly 0 (kept on purpose for
-    parity; keep_last=False scores it)."""
+def test_mc_elbo_never_masks_the_last_position(tiny):
+    """Dream's scripts never mask the last position (the EOS the harness appends): without that EOS a one-token
+    continuation would score exactly 0; keep_last=False masks and scores it."""
     assert mc_elbo(tiny, [499, 3], [77], mc_num=8, batch_size=8) == 0.0
     assert mc_elbo(tiny, [499, 3], [77], mc_num=8, batch_size=8, keep_last=False) < 0
 
@@ -113,7 +113,7 @@ def test_greedy_match_on_the_sudoku_model():
     lm = DreamLM(str(SUDOKU))
     doc = rows("sudoku4_mc.jsonl", 1)[0]
     ctx = lm.encode_context(doc["input"])
-    verdicts = [greedy_match(lm.model, ctx, lm.tok.encode(c), lm.banned) for c in doc["choices"]]
+    verdicts = [greedy_match(lm.model, ctx, lm.encode_pair(doc["input"], c)[1], lm.banned) for c in doc["choices"]]
     assert verdicts == [i == doc["label"] for i in range(4)]
 
 
@@ -159,8 +159,10 @@ def test_stop_sequences_cut_the_text():
 
 def test_likelihood_pairs_encode_as_lm_eval_does():
     lm = DreamLM(str(TINY))
-    assert lm.encode_pair("Question: 2+2 = ", "4") == (lm.tok.encode("Question: 2+2 ="), lm.tok.encode(" 4"))
-    assert lm.encode_pair("", "abc") == ([lm.model.config.bos_token_id], lm.tok.encode("abc"))
+    eos = lm.model.config.eos_token_id
+    assert lm.encode_pair("Question: 2+2 = ", "4") == (lm.tok.encode("Question: 2+2 ="), lm.tok.encode(" 4") + [eos])
+    assert lm.encode_pair("Q:\n", "A") == (lm.tok.encode("Q:"), lm.tok.encode("\nA") + [eos])
+    assert lm.encode_pair("", "abc") == ([lm.model.config.bos_token_id], lm.tok.encode("abc") + [eos])
     sudoku = DreamLM(str(SUDOKU))  # a planning model: its prompt layout (puzzle + separator)
     puzzle = rows("sudoku4.jsonl", 1)[0]["input"]
     assert sudoku.encode_pair(puzzle, "1")[0] == sudoku.solver.prompt_ids(puzzle)

@@ -6,7 +6,7 @@
   output is cut at EOS and at the first stop sequence. A context holding `<|mask|>`/`<|mask:N|>` spans is an infill
   template (the spans are filled, their text returned). Planning models (a `dreamlm_task.json` beside the weights)
   answer through their `Solver`, exactly as `dreamlm solve` does.
-- `loglikelihood`: `mc_elbo` (Monte-Carlo ELBO) and `greedy_match`.
+- `loglikelihood`: `mc_elbo` (Monte-Carlo ELBO) and `greedy_match` over context + continuation + EOS.
 - `loglikelihood_rolling`: refused (a masked-diffusion model has no left-to-right factorisation to roll).
 - Data parallel: under `torchrun`/`accelerate launch` (WORLD_SIZE > 1) a gloo/nccl process group is joined;
   lm-eval then gives each rank every WORLD_SIZE-th document and gathers the results on rank 0.
@@ -152,22 +152,24 @@ class DreamLM(LM):
         return ids
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """(context ids, continuation ids) for a likelihood request. Text models, as lm-eval's HF model and Dream's
-        harness: trailing spaces of the context move to the continuation, the whole text is encoded once and split
-        after the context's own tokens (so " A" scores as the model would write it). Never an empty context: BOS
-        (else EOS) stands in, since position 0 is never scored."""
+        """(context ids, continuation ids + EOS) for a likelihood request, as Dream's harness encodes it: trailing
+        whitespace of the context moves to the continuation, the whole text is encoded once and split after the
+        context's own tokens, and EOS is appended (the never-masked last position, so every continuation token is
+        scored). A planning model's context is its prompt layout (puzzle + separator). An empty context gets BOS
+        (else EOS), since position 0 is never scored."""
+        eos = self.model.config.eos_token_id
+        tail = [eos] if eos is not None else []
         if self.solver is not None:
-            return self.solver.prompt_ids(context), self.tok.encode(continuation)
-        spaces = len(context) - len(context.rstrip(" "))
+            return self.solver.prompt_ids(context), self.tok.encode(continuation) + tail
+        spaces = len(context) - len(context.rstrip())
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
         ctx = self.encode_context(context)
         whole = self.encode_context(context + continuation)
         if not ctx:
             first = self.model.config.bos_token_id
-            ctx = [first if first is not None else self.model.config.eos_token_id]
-            return ctx, whole
-        return ctx, whole[len(ctx):]
+            return [first if first is not None else eos], whole + tail
+        return ctx, whole[len(ctx):] + tail
 
     # ---- request types ------------------------------------------------------------------------------------------
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:

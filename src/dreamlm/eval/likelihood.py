@@ -4,7 +4,8 @@ Vocabulary: `x` the sequence context + continuation (L,); only the continuation 
 samples draws one u0 ~ U(0, 1) and uses the stratified times t_i = (u0 + i/b) mod 1, masking probability
 p_i = eps + (1 - eps) t_i; a continuation token is masked with probability p_i and scored by its cross-entropy
 under the shifted logits, divided by p_i (the 1/t weighting). Position 0 (BOS) is never masked, and, as in Dream's
-scripts, neither is the sequence's last position (meant as EOS; see `keep_last`).
+scripts, neither is the sequence's last position: the harness appends EOS to the continuation, so that EOS stays
+visible and every continuation token is scored (see `keep_last`).
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ def mc_elbo(model: "DreamModel", context: list[int], continuation: list[int], mc
     """Monte-Carlo ELBO of log p(continuation | context) in nats, as Dream's evaluation computes it.
 
     max(mc_num // batch_size, 1) batches of min(batch_size, mc_num) samples; the estimate is the mean over batches
-    of -(sum of CE / p over masked tokens) / b. `keep_last=True` is Dream's script (the last position is never
-    masked, so a one-token continuation scores 0); False scores every continuation token."""
+    of -(sum of CE / p over masked tokens) / b. `keep_last=True` is Dream's script: the last position (the EOS the
+    harness appends) is never masked; False lets it be masked and scored too."""
     if not context:
         raise DreamError("the context must hold at least one token (position 0 is never masked); add a BOS")
     if not continuation:

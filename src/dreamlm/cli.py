@@ -519,7 +519,7 @@ def eval_cmd(
     top_p: Optional[float] = typer.Option(None, help="Nucleus filter in (0, 1]."),
     mc_num: int = typer.Option(128, help="Monte-Carlo samples per likelihood (Dream: 128)."),
     mc_batch_size: int = typer.Option(32, help="Samples per forward pass of the likelihood."),
-    keep_last: bool = typer.Option(True, help="Never mask the continuation's last token (Dream's scripts)."),
+    keep_last: bool = typer.Option(True, help="Never mask the EOS appended to each continuation (Dream's scripts)."),
     add_bos: bool = typer.Option(False, "--add-bos", help="Put BOS before every context (Dream's default: off)."),
     chat: bool = typer.Option(False, "--chat", help="Apply the model's chat template to the prompts."),
     threshold: Optional[float] = typer.Option(None, help="Fast option: commit every slot this confident."),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from contextlib import contextmanager
 from importlib import resources
@@ -698,6 +699,80 @@ def bench_serve(model: Optional[Path] = typer.Option(None, "--model", "-m",
         report = serve_bench(Path(path), levels, max_tokens, temperature, per_client, out_dir, prompt)
         print(serve_table(report))
         err.print(f"wrote {out_dir}/serve.(md|json|png)")
+
+@app.command("eval")
+def eval_cmd(
+    model: Optional[list[Path]] = typer.Option(None, "--model", "-m", help="Model directory (repeat for several; "
+                                                                          "default: the bundled tiny-dream)."),
+    bundled: bool = typer.Option(False, "--bundled", help="Evaluate every bundled model on its default tasks."),
+    tasks: Optional[str] = typer.Option(None, help="Comma-separated shipped tasks (default: the model's own; "
+                                                   "planning models their puzzles, text models code infill + MC)."),
+    limit: Optional[int] = typer.Option(None, help="Evaluate only the first N documents of each task."),
+    batch_size: int = typer.Option(8, help="Generation requests decoded together (results do not depend on it)."),
+    max_new_tokens: int = typer.Option(128, help="New tokens when a task sets no max_gen_toks (Dream: 128)."),
+    steps: Optional[int] = typer.Option(None, help="Diffusion steps (default: one per new token, Dream's 128/128)."),
+    alg: str = typer.Option("entropy", help="origin, maskgit_plus, topk_margin or entropy (Dream's eval: entropy)."),
+    temperature: float = typer.Option(0.0, help="Sampling temperature (Dream's eval: 0)."),
+    top_p: Optional[float] = typer.Option(None, help="Nucleus filter in (0, 1]."),
+    mc_num: int = typer.Option(128, help="Monte-Carlo samples per likelihood (Dream: 128)."),
+    mc_batch_size: int = typer.Option(32, help="Samples per forward pass of the likelihood."),
+    keep_last: bool = typer.Option(True, help="Never mask the EOS appended to each continuation (Dream's scripts)."),
+    add_bos: bool = typer.Option(False, "--add-bos", help="Put BOS before every context (Dream's default: off)."),
+    chat: bool = typer.Option(False, "--chat", help="Apply the model's chat template to the prompts."),
+    threshold: Optional[float] = typer.Option(None, help="Fast option: commit every slot this confident."),
+    seed: int = typer.Option(0, help="Seed of every random draw (each request gets its own stream)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the results JSON here."),
+    log_samples: bool = typer.Option(False, "--log-samples", help="Also write each document's response."),
+) -> None:
+    """Evaluate models with lm-evaluation-harness on the shipped offline tasks (model class `dreamlm`)."""
+    import platform
+    import time
+
+    with user_errors():
+        from dreamlm.eval import evaluate
+
+        if bundled and model:
+            raise DreamError("give --model or --bundled, not both")
+        assets = Path(str(resources.files("dreamlm") / "assets"))
+        dirs = sorted(p for p in assets.iterdir() if (p / "config.json").is_file()) if bundled else \
+            list(model or [default_model_dir()])
+        for d in dirs:
+            if not (d / "config.json").is_file():
+                raise DreamError(f"{d} is not a model directory (no config.json)")
+        if limit is not None and limit < 1:
+            raise DreamError(f"limit must be >= 1, got {limit}")
+        check_number("temperature", temperature)
+        check_number("top_p", top_p)
+        check_number("threshold", threshold)
+        names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+        args = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, diffusion_steps=steps, alg=alg,
+                    temperature=temperature, top_p=top_p, mc_num=mc_num, mc_batch_size=mc_batch_size,
+                    keep_last=keep_last, add_bos_token=add_bos, threshold=threshold, seed=seed)
+        runs, start = [], time.perf_counter()
+        for d in dirs:
+            began = time.perf_counter()
+            result = evaluate(d, names, limit=limit, apply_chat_template=chat, log_samples=log_samples, **args)
+            if result is None:  # not rank 0 under torchrun
+                continue
+            seconds = time.perf_counter() - began
+            scores = {task: {k.split(",")[0]: v for k, v in r.items() if k.endswith(",none") and "stderr" not in k}
+                      for task, r in result["results"].items()}
+            run = {"model": d.name, "tasks": scores, "seconds": round(seconds, 1),
+                   "n": {t: c["effective"] for t, c in result.get("n-samples", {}).items()}}
+            if log_samples:  # per document: its id and the model's filtered responses
+                run["samples"] = {t: sorted([s["doc_id"], s["filtered_resps"]] for s in rows)
+                                  for t, rows in result["samples"].items()}
+            runs.append(run)
+            for task, metrics in scores.items():
+                out.print(f"{d.name:20s} {task:22s} " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+                          + f"   ({seconds:.1f} s)")
+        if output is not None and runs:
+            report = {"command": "dreamlm " + " ".join(sys.argv[1:]), "args": args, "limit": limit,
+                      "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {__import__('torch').__version__}",
+                      "wall_seconds": round(time.perf_counter() - start, 1), "runs": runs}
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(json.dumps(report, indent=2) + "\n")
+            err.print(f"wrote {output}")
 
 
 def version_callback(value: bool) -> None:

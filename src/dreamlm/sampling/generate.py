@@ -556,8 +556,8 @@ def _shared_forward(model: "DreamModel", states: Sequence[DecodeState],
 def advance(model: "DreamModel", states: Sequence[DecodeState],
             compile: "bool | str | Callable" = False,  # noqa: A002
             on_error: Callable[[DecodeState, Exception], None] | None = None) -> None:
-    """One step of every unfinished state: those without a cache share ONE model forward (the ones with a cache
-    run their own, since their spans differ); each then commits from the logits of its own masked slots.
+    """One step of every unfinished state: those without a cache share one model forward per canvas length (the
+    ones with a cache run their own, since their spans differ); each then commits from its own masked slots' logits.
 
     With `on_error`, a state whose own work fails (its step, its cached forward) is reported there and the others
     go on (a server keeps serving the rest of the batch); the shared forward failing still raises."""
@@ -590,8 +590,14 @@ def advance(model: "DreamModel", states: Sequence[DecodeState],
             shared.append(state)
         else:
             guarded(state, lambda s=state: s.step(None))  # nothing masked, no hook: Dream's step changes nothing
-    if shared:
-        for state, logits in zip(shared, _shared_forward(model, shared, compile)):
+    # one forward per canvas shape: rows of different lengths would need left-padding and an attention mask, and on
+    # CPU a padded row's logits can differ in the last bits from the row alone (seen with infill canvases), which
+    # flips near-ties; equal-length rows batch exactly
+    groups: dict[tuple[int, bool], list[DecodeState]] = {}
+    for state in shared:
+        groups.setdefault((state.x.shape[1], state.pad_mask is not None), []).append(state)
+    for group in groups.values():
+        for state, logits in zip(group, _shared_forward(model, group, compile)):
             guarded(state, lambda s=state, lg=logits: shared_step(s, lg))
 
 

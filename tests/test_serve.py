@@ -16,7 +16,8 @@ import torch
 from dreamlm.sampling import Constraints, cut_at_eos, diffusion_generate
 from dreamlm.sampling.infill import unwritable_ids
 from dreamlm.serve import Limits
-from dreamlm.serve.app import apply_stop, held_back
+from dreamlm.sampling.infill import apply_stop
+from dreamlm.serve.app import held_back
 from dreamlm.serve.local import live_server
 
 PROMPT = "Once upon a time"

@@ -27,7 +27,7 @@ from dreamlm.eval.likelihood import greedy_match, mc_elbo, request_seed
 from dreamlm.model import DreamModel
 from dreamlm.sampling import SamplerOptions, advance, cut_at_eos, parse_template, plan
 from dreamlm.sampling.generate import Constraints
-from dreamlm.sampling.infill import MASK_SPAN, unwritable_ids
+from dreamlm.sampling.infill import MASK_SPAN, apply_stop, unwritable_ids
 from dreamlm.solver import TASK_FILE, Solver
 
 
@@ -49,10 +49,7 @@ def _optional(value: Any, kind: type) -> Any:
 
 def cut_at_stops(text: str, until: list[str]) -> str:
     """`text` up to the earliest occurrence of any stop sequence."""
-    for stop in until:
-        if stop:
-            text = text.split(stop)[0]
-    return text
+    return apply_stop(text, until)[0]
 
 
 @register_model("dreamlm")

@@ -17,7 +17,7 @@ import torch
 
 from dreamlm.errors import DreamError
 from dreamlm.sampling import Constraints, diffusion_generate
-from dreamlm.training.objective import masked_ce
+from dreamlm.training.objective import mask_tokens, masked_ce
 
 if TYPE_CHECKING:
     from dreamlm.model import DreamModel
@@ -66,13 +66,12 @@ def mc_elbo(model: "DreamModel", context: list[int], continuation: list[int], mc
         u0 = torch.rand(1, generator=gen)
         t = (u0 + torch.arange(b) / b) % 1
         p_mask = (1 - eps) * t + eps  # (b,)
-        masked = (torch.rand(b, len(x), generator=gen) < p_mask[:, None]) & maskable
+        xb = x.expand(b, -1).to(device)
+        noisy, masked = mask_tokens(xb, maskable.expand(b, -1).to(device), p_mask, model.config.mask_token_id, gen)
         if not bool(masked.any()):
             continue
-        xb = x.expand(b, -1).to(device)
-        noisy = torch.where(masked.to(device), model.config.mask_token_id, xb)
-        ce = masked_ce(model, noisy, xb, masked.to(device)).cpu()  # (M,) row-major
-        rows = masked.nonzero(as_tuple=True)[0]
+        ce = masked_ce(model, noisy, xb, masked).cpu()  # (M,) row-major
+        rows = masked.nonzero(as_tuple=True)[0].cpu()
         total += float((ce / p_mask[rows]).sum()) / b
     return -total / batches
 

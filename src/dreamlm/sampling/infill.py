@@ -88,6 +88,12 @@ def unwritable_ids(model: "DreamModel", tokenizer: "DreamTokenizer") -> list[int
     return list(range(tokenizer.vocab_size, model.config.vocab_size)) + [model.config.mask_token_id]
 
 
+def apply_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """text before the earliest stop string, and whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
 def cut_at_eos(ids: list[int], eos_token_id: int | None, start: int = 0) -> list[int]:
     """ids up to (not including) the first EOS at or after `start`."""
     if eos_token_id is None:

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dreamlm.errors import DreamError
 from dreamlm.sampling import Constraints, SamplerOptions, plan, steps_for_blocks
-from dreamlm.sampling.infill import MASK_SPAN, parse_template, unwritable_ids
+from dreamlm.sampling.infill import MASK_SPAN, apply_stop, parse_template, unwritable_ids
 from dreamlm.serve.engine import Engine, Job, QueueFull, ShuttingDown
 from dreamlm.serve.metrics import ServeMetrics
 from dreamlm.serve.protocol import (
@@ -209,12 +209,6 @@ def cut_at_end(ids: list[int], end_ids: set[int]) -> tuple[list[int], bool]:
     return ids, False
 
 
-def apply_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    """text before the earliest stop string, and whether one was found."""
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
 def held_back(text: str, stops: list[str]) -> str:
     """What a stream may send of unfinished text: without a trailing partial character or a possible start of a
     stop string."""
@@ -282,10 +276,10 @@ class Run:
         return [read_row(self.served, p, row, self.stops, self.chat)
                 for p, job in zip(self.prompts, self.jobs) for row in job.state.x.tolist()]
 
-    def usage(self) -> dict[str, int]:
-        """OpenAI's usage plus steps and forward passes."""
+    def usage(self, answers: list[Answer] | None = None) -> dict[str, int]:
+        """OpenAI's usage plus steps and forward passes (`answers`: this run's, when already read)."""
         prompt = sum(p.prompt_tokens for p in self.prompts)
-        completion = sum(a.tokens for a in self.answers())
+        completion = sum(a.tokens for a in (answers if answers is not None else self.answers()))
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "steps": max(job.state.step_index for job in self.jobs),
                 "forward_passes": sum(job.state.passes for job in self.jobs)}
@@ -626,7 +620,7 @@ def create_app(models: dict[str, Served], limits: Limits | None = None) -> FastA
         finally:
             metrics.observe_request(served.name, run)
         answers = run.answers()
-        usage = run.usage()
+        usage = run.usage(answers)
         request.state.completion_tokens = usage["completion_tokens"]
         if chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": a.text}, "finish_reason": a.reason,

@@ -139,6 +139,24 @@ def test_a_star_graph_is_drawn_with_its_path(page):
     assert page.locator("#board-diffusion svg line[stroke-width='4']").count() == 4  # the path 64-52-23-79-41
 
 
+def test_a_random_puzzle_arriving_late_never_overwrites_a_typed_one(page):
+    """Choosing a task draws a random puzzle; if the user types a puzzle before the draw returns, theirs is kept
+    (CI once solved the late random draw instead of the puzzle the test had typed)."""
+    held = []
+    page.route("**/playground/puzzle*", lambda route: held.append(route))  # hold the draw until the user has typed
+    page.click("#tab-puzzle")
+    page.select_option("#puzzle-task", "star-2-5")
+    typed = "52,23|72,50|23,79|64,72|50,84|79,41|84,77|64,52/64,41="
+    page.fill("#puzzle-text", typed)
+    page.wait_for_timeout(100)
+    assert held, "choosing a task should draw a random puzzle"
+    with page.expect_request_finished(lambda r: "/playground/puzzle" in r.url):
+        for route in held:
+            route.continue_()
+    page.wait_for_timeout(300)  # let the page handle the late answer
+    assert page.input_value("#puzzle-text") == typed
+
+
 def test_errors_are_shown_inline_in_plain_words(page):
     page.fill("#text-prompt", "Once upon a time " * 80)  # a prompt that does not fit the context
     page.fill("#text-max", "100")

@@ -221,6 +221,7 @@ function buildSudokuEditor() {
 }
 
 function syncFromEditor() {
+  puzzleVersion++;
   const cells = [...$("sudoku-editor").querySelectorAll("input")].map((i) => i.value || "0");
   $("puzzle-text").value = [0, 1, 2, 3].map((r) => cells.slice(4 * r, 4 * r + 4).join("")).join("\n");
 }
@@ -242,12 +243,19 @@ function taskChanged() {
   }
 }
 
+// Bumped by every edit of the puzzle and every random draw: a draw that comes back after the user typed a
+// puzzle (or after a later draw) is dropped, so it never overwrites what the user is about to solve.
+let puzzleVersion = 0;
+
 async function randomPuzzle() {
   clearError();
+  const mine = ++puzzleVersion;
   try {
     const resp = await fetch("/playground/puzzle?task=" + encodeURIComponent($("puzzle-task").value));
     if (!resp.ok) { showError(await errorText(resp)); return; }
-    $("puzzle-text").value = (await resp.json()).puzzle;
+    const puzzle = (await resp.json()).puzzle;
+    if (mine !== puzzleVersion) return;
+    $("puzzle-text").value = puzzle;
     syncToEditor();
     taskChanged();
   } catch (e) {
@@ -418,8 +426,8 @@ $("puzzle-form").addEventListener("submit", async (e) => {
 });
 
 $("puzzle-random").addEventListener("click", randomPuzzle);
-$("puzzle-task").addEventListener("change", randomPuzzle);
-$("puzzle-text").addEventListener("input", syncToEditor);
+$("puzzle-task").addEventListener("change", () => { taskChanged(); randomPuzzle(); });
+$("puzzle-text").addEventListener("input", () => { puzzleVersion++; syncToEditor(); });
 
 buildSudokuEditor();
 loadModels();

@@ -24,7 +24,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 out = Console()
 err = Console(stderr=True)
 
-DEFAULT_MODEL_NAME = "tiny-dream"
+DEFAULT_MODEL_NAME = "stdlib-code"
 
 
 def default_model_dir() -> Path:
@@ -668,9 +668,52 @@ def bench_speed(task: str = typer.Option("sudoku4", help="Planning task whose bu
         err.print(f"machine: {report['machine']}; wrote {out_dir}/speed.(md|json|png)")
 
 
+@bench_app.command("infill")
+def bench_infill(model: Optional[list[str]] = typer.Option(
+                     None, "--model", "-m", help="KIND=PATH with KIND diffusion, ar or ar-fim (repeat; default: the "
+                     "runs of recipes/text/pipeline.sh that exist, else the bundled stdlib-code model)."),
+                 n: int = typer.Option(200, help="Cases per task (held-out lines; spans)."),
+                 spans: str = typer.Option("4,16", help="Comma-separated span lengths k (tokens) for the span tasks."),
+                 blocks: int = typer.Option(16, help="Held-out 256-token blocks for the loss / ELBO."),
+                 mc_num: int = typer.Option(32, help="Monte-Carlo samples per block for a diffusion model's ELBO."),
+                 out_dir: Path = typer.Option(Path("dreamlm-bench"), "--out", help="Folder for the table, JSON and plot "
+                                                                  "(the repo's own: benchmarks/results).")
+                 ) -> None:
+    """Code infilling on held-out stdlib modules: diffusion vs AR vs AR with fill-in-the-middle, and held-out loss."""
+    from dreamlm.infill_bench import PIPELINE, infill_bench, infill_table, write_infill_report
+
+    with user_errors():
+        for name, value in (("--n", n), ("--blocks", blocks), ("--mc-num", mc_num)):
+            check_at_least(name, value)
+        try:
+            ks = tuple(int(k) for k in spans.split(",") if k.strip())
+        except ValueError:
+            raise DreamError(f"--spans must be comma-separated integers, got {spans!r}") from None
+        if any(k < 1 or k > 64 for k in ks):
+            raise DreamError("every span length must be in 1..64")
+        specs = []
+        for item in model or []:
+            kind, sep, path = item.partition("=")
+            if not sep or not path:
+                raise DreamError(f"--model takes KIND=PATH (e.g. diffusion=runs/text/ar2diff/final), got {item!r}")
+            specs.append((f"{kind}: {Path(path).parent.name if Path(path).name == 'final' else Path(path).name}",
+                          kind, Path(path)))
+        if not specs:
+            specs = [(label, kind, Path(p)) for label, kind, p in PIPELINE if (Path(p) / "config.json").is_file()]
+        if not specs:
+            specs = [("stdlib-code (bundled)", "diffusion", default_model_dir())]
+        output_dir(out_dir)
+        with progress("bench infill") as advance:
+            report = infill_bench(specs, n=n, spans=ks, blocks=blocks, mc_num=mc_num, advance=advance)
+        write_infill_report(report, out_dir)
+        print(infill_table(report))
+        err.print(f"machine: {report['machine']}; wrote {out_dir}/infill.(md|json|png)")
+
+
 @bench_app.command("serve")
 def bench_serve(model: Optional[Path] = typer.Option(None, "--model", "-m",
-                                                   help="Model directory (default: the bundled tiny-dream)."),
+                                                   help="Model directory (default: the bundled tiny-dream, random "
+                                                        "weights: it measures the server, not a model)."),
                 concurrency: str = typer.Option("1,4,16,64", help="Comma-separated client counts."),
                 max_tokens: int = typer.Option(32, help="Tokens per request (one denoising step each)."),
                 temperature: float = typer.Option(0.0, help="Sampling temperature of every request (0 = argmax)."),
@@ -692,7 +735,7 @@ def bench_serve(model: Optional[Path] = typer.Option(None, "--model", "-m",
         output_dir(out_dir)
         if max_tokens < 1 or per_client < 1:
             raise DreamError("max_tokens and per_client must be >= 1")
-        path = model or default_model_dir()
+        path = model or default_model_dir().parent / "tiny-dream"
         if not (Path(path) / "config.json").is_file():
             raise DreamError(f"{path} is not a model directory (no config.json)")
         check_number("temperature", temperature)
@@ -703,7 +746,7 @@ def bench_serve(model: Optional[Path] = typer.Option(None, "--model", "-m",
 @app.command("eval")
 def eval_cmd(
     model: Optional[list[Path]] = typer.Option(None, "--model", "-m", help="Model directory (repeat for several; "
-                                                                          "default: the bundled tiny-dream)."),
+                                                                          "default: the bundled stdlib-code)."),
     bundled: bool = typer.Option(False, "--bundled", help="Evaluate every bundled model on its default tasks."),
     tasks: Optional[str] = typer.Option(None, help="Comma-separated shipped tasks (default: the model's own; "
                                                    "planning models their puzzles, text models code infill + MC)."),

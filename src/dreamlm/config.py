@@ -159,6 +159,7 @@ class DreamConfig:
         if model_type == "qwen2":
             data.setdefault("rope_theta", 10000.0)  # Qwen2Config's default, not Dream's
             data.setdefault("mask_token_id", None)
+            data.setdefault("causal", True)  # a Qwen2 checkpoint is an AR model; `dreamlm convert` makes it Dream
             for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
                 data.setdefault(name, None)
         if isinstance(data.get("eos_token_id"), list):  # Qwen2.5 instruct lists several; the first ends text
@@ -181,15 +182,16 @@ class DreamConfig:
             del out["head_dim"]
         if out["attention_bias"]:  # Qwen2's layout has no such key: bias is implied
             del out["attention_bias"]
-        if self.causal:
+        if self.causal and self.model_type != "qwen2":  # a qwen2 checkpoint is causal without saying so
             out["causal"] = True
+        if self.model_type == "qwen2" and out["mask_token_id"] is None:
+            del out["mask_token_id"]
         extras = dict(self.extras)
         eos_list = extras.pop("extras_eos_token_ids", None)
         if eos_list is not None:
             out["eos_token_id"] = eos_list
         out.update(extras)
-        if self.model_type == "Dream":
-            out["architectures"] = ["DreamModel"]
+        out["architectures"] = ["DreamModel"] if self.model_type == "Dream" else ["Qwen2ForCausalLM"]
         return dict(sorted(out.items()))
 
     @classmethod

@@ -225,7 +225,10 @@ class DreamTokenizer:
             raise DreamError(f"chat template failed: {exc}") from None
 
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"]
+# Qwen2's order (end of text, chat, fill-in-the-middle sentinels), then Dream's mask token last. The FIM sentinels
+# are for AR baselines trained in prefix-suffix-middle form; diffusion models never need them.
+FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, "<|mask|>"]
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{%- if loop.first and message['role'] != 'system' %}"

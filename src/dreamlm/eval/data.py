@@ -2,24 +2,25 @@
 
 Every set is deterministic: planning puzzles come from the task generators' held-out "test" split (seed 0);
 the multiple-choice set pairs each held-out 4x4 Sudoku with its solution and three corrupted grids; the code-infill
-set takes lines of a few Python standard-library modules (none of the bundled models saw Python code in training)
-with three lines before and two after as context.
+set takes lines of a few Python standard-library modules that are held out of `stdlib:train` (the bundled
+stdlib-code model never saw them; the planning models saw no code at all) with three lines before and two after as
+context.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import random
 from pathlib import Path
 
+from dreamlm.errors import DreamError
 from dreamlm.tasks import get_task, make_examples
 from dreamlm.tokenizer import DreamTokenizer
 
 DATA_DIR = Path(__file__).parent / "tasks" / "data"
 PLANNING_SETS = {"sudoku4": 100, "star-2-5": 100, "star-3-5": 100, "star-5-5": 100, "star-10-5": 50}
 MC_PUZZLES = 100
-INFILL_MODULES = ("textwrap", "shlex", "fnmatch", "colorsys", "bisect")
+INFILL_MODULES = ("sched.py", "secrets.py", "traceback.py", "copyreg.py", "email/contentmanager.py")  # held out
 INFILL_LINES = 60
 
 
@@ -56,12 +57,18 @@ def sudoku_mc_set(n: int) -> list[dict]:
 
 def code_infill_set(n: int, tokenizer: DreamTokenizer) -> list[dict]:
     """Standard-library lines to fill between their neighbours; `tokens` is the line's length under `tokenizer`
-    (the bundled tiny-dream tokenizer), the span length the template asks for."""
-    import importlib
+    (the bundled default model's), the span length the template asks for."""
+    import sysconfig
 
+    from dreamlm.training.data import stdlib_split
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    held_out = {str(p.relative_to(root)) for p in stdlib_split()[1]}
     candidates = []
     for name in INFILL_MODULES:
-        lines = inspect.getsource(importlib.import_module(name)).split("\n")
+        if name not in held_out:
+            raise DreamError(f"{name} is not held out of stdlib:train on this Python; pick held-out modules")
+        lines = (root / name).read_text(encoding="utf-8").split("\n")
         for i in range(3, len(lines) - 2):
             line = lines[i].strip()
             if 12 <= len(line) <= 60 and not line.startswith(("#", '"', "'")) and line.isascii():

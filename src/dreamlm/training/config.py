@@ -20,7 +20,9 @@ Sections and keys (all optional except data.train):
              padded tail at a random length), task (a planning task name, e.g. "sudoku4": the exported
              model then records it for `dreamlm solve`), view (the task's model view, e.g. "edges" for star
              graphs, "fixed" or "refs" for Countdown: training pairs are mapped through it and the solver reads puzzles the
-             same way)
+             same way), fim_rate (AR pretraining only: the share of blocks rearranged into fill-in-the-middle form
+             <|fim_prefix|> prefix <|fim_suffix|> suffix <|fim_middle|> middle at two random cut points, the
+             fair AR baseline for infilling; the tokenizer needs the three sentinels)
 [objective]  kind ("diffusion" or "ar"), weighting ("elbo" = 1/t, "linear", "cart", "none"), cart_p,
              focal_gamma (0 = off), focal_alpha, eps
 [optim]      lr, min_lr_ratio (cosine floor as a fraction of lr), weight_decay, beta1, beta2, warmup_steps,
@@ -28,7 +30,8 @@ Sections and keys (all optional except data.train):
 [run]        out_dir, seed, log_every, eval_every, eval_batches, eval_solve (planning runs: also solve this many
              held-out puzzles at each evaluation and log their accuracy, "val_acc"), save_every, keep_checkpoints,
              device ("auto", "cpu", "cuda"), compile, activation_checkpointing, export_dtype ("bfloat16", "float32",
-             "float16"), progress (show the progress bar), stop_at (end the process after this step, as if interrupted;
+             "float16"), export_format ("dream"; "qwen2" writes an AR run as a plain Qwen2ForCausalLM
+             directory, the input `dreamlm convert` expects), progress (show the progress bar), stop_at (end the process after this step, as if interrupted;
              0 = never), rank_summaries (each rank writes its losses and a weight checksum: for tests)
 """
 
@@ -72,6 +75,7 @@ class DataSection:
     random_truncation: bool = False
     task: str = ""
     view: str = ""
+    fim_rate: float = 0.0
 
 
 @dataclass
@@ -112,6 +116,7 @@ class RunSection:
     compile: bool = False
     activation_checkpointing: bool = False
     export_dtype: str = "bfloat16"
+    export_format: str = "dream"
     progress: bool = True
     stop_at: int = 0
     rank_summaries: bool = False
@@ -188,6 +193,12 @@ class TrainConfig:
             (self.run.log_every >= 1 and self.run.eval_every >= 1 and self.run.save_every >= 1,
              "run.log_every, eval_every and save_every must be >= 1"),
             (self.run.export_dtype in ("bfloat16", "float32", "float16"), "run.export_dtype must be a float dtype"),
+            (self.run.export_format in ("dream", "qwen2"), "run.export_format must be 'dream' or 'qwen2'"),
+            (self.run.export_format == "dream" or self.objective.kind == "ar",
+             "run.export_format 'qwen2' is for AR runs (objective.kind = 'ar'); a diffusion model is Dream's format"),
+            (0 <= self.data.fim_rate <= 1, "data.fim_rate must be in [0, 1]"),
+            (self.data.fim_rate == 0 or (self.objective.kind == "ar" and self.data.stage == "pretrain"),
+             "data.fim_rate is for AR pretraining (objective.kind = 'ar', data.stage = 'pretrain')"),
             (self.run.device in ("auto", "cpu", "cuda") or self.run.device.startswith("cuda:"),
              "run.device must be auto, cpu or cuda[:N]"),
             (self.model.hidden_size % max(self.model.heads, 1) == 0, "model.hidden_size must divide by model.heads"),

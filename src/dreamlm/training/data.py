@@ -142,9 +142,21 @@ class PackedBlocks:
     """
 
     def __init__(self, files: list[Path], tokenizer: DreamTokenizer, seq_len: int, seed: int = 0,
-                 rank: int = 0, world: int = 1) -> None:
+                 rank: int = 0, world: int = 1, fim_rate: float = 0.0) -> None:
         if seq_len < 2:
             raise DreamError("seq_len must be at least 2")
+        self.fim: tuple[int, int, int] | None = None
+        if fim_rate > 0:
+            from dreamlm.tokenizer import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
+
+            ids = [tokenizer.token_to_id(s) for s in (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE)]
+            if None in ids:
+                raise DreamError("data.fim_rate needs a tokenizer with <|fim_prefix|>, <|fim_suffix|> and "
+                                 "<|fim_middle|> (dreamlm train-tokenizer makes them)")
+            if seq_len < 8:
+                raise DreamError("fill-in-the-middle blocks need seq_len >= 8")
+            self.fim = (ids[0], ids[1], ids[2])
+        self.fim_rate = fim_rate
         if not files:
             raise DreamError("no training files given")
         self.files, self.tokenizer, self.seq_len, self.seed = list(files), tokenizer, seq_len, seed
@@ -182,13 +194,26 @@ class PackedBlocks:
         while len(rows) < batch_size:
             block = next(self._stream)
             if self.emitted % self.world == self.rank:
-                rows.append(block)
+                rows.append(self._fim(block, self.emitted) if self.fim else block)
                 index.append(self.emitted)
             self.emitted += 1
         x = torch.tensor(rows, dtype=torch.long)
         maskable = torch.ones_like(x, dtype=torch.bool)
         maskable[:, 0] = False
         return Batch(x, maskable, maskable.clone(), torch.tensor(index))
+
+    def _fim(self, block: list[int], index: int) -> list[int]:
+        """With probability fim_rate (seeded by the block's number), the block in prefix-suffix-middle form:
+        its first seq_len - 3 tokens cut at two uniform points, <|fim_prefix|> P <|fim_suffix|> S <|fim_middle|> M
+        (the same length; the last 3 tokens are dropped). Otherwise the block as it is."""
+        assert self.fim is not None
+        rng = random.Random(self.seed * 1000003 + index * 7 + 1)
+        if rng.random() >= self.fim_rate:
+            return block
+        body = block[: self.seq_len - 3]
+        i, j = sorted(rng.randint(0, len(body)) for _ in range(2))
+        pre, suf, mid = self.fim
+        return [pre, *body[:i], suf, *body[j:], mid, *body[i:j]]
 
     def state_dict(self) -> dict:
         """Resume position."""

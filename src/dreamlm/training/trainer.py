@@ -8,6 +8,8 @@ ranks — sees exactly the same noise. The loss is normalised by the masked-toke
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import re
@@ -215,11 +217,12 @@ def training_star_shapes(cfg: TrainConfig) -> list[tuple[int, int]]:
 
 
 def build_source(cfg: TrainConfig, tokenizer: DreamTokenizer, files: list[str], world: World, seed: int,
-                 pad_token_id: int):
-    """The batch source for a list of files (packed blocks or SFT examples)."""
+                 pad_token_id: int, fim_rate: float = 0.0):
+    """The batch source for a list of files (packed blocks or SFT examples); fim_rate for training blocks only
+    (validation stays plain text, so the validation loss is comparable with a run without FIM)."""
     paths = resolve_files(files)
     if cfg.data.stage == "pretrain":
-        return PackedBlocks(paths, tokenizer, cfg.data.seq_len, seed, world.rank, world.size)
+        return PackedBlocks(paths, tokenizer, cfg.data.seq_len, seed, world.rank, world.size, fim_rate)
     transform = view_of(cfg) if cfg.data.view else None
     examples = [e for p in paths for e in read_examples(p, tokenizer, cfg.data.chat, cfg.data.separator, transform)]
     return ExampleBatches(examples, cfg.data.seq_len, pad_token_id, seed, cfg.data.random_truncation,
@@ -248,7 +251,8 @@ class Trainer:
             lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
             fused=self.world.device.type == "cuda")
         pad = self.model_config.pad_token_id if self.model_config.pad_token_id is not None else 0
-        self.train_source = build_source(cfg, self.tokenizer, cfg.data.train, self.world, cfg.run.seed, pad)
+        self.train_source = build_source(cfg, self.tokenizer, cfg.data.train, self.world, cfg.run.seed, pad,
+                                         cfg.data.fim_rate)
         self.valid_files = cfg.data.valid
         self.pad = pad
         self.step = 0
@@ -384,8 +388,11 @@ class Trainer:
         if self.world.main:
             dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[
                 self.cfg.run.export_dtype]
+            config = self.model_config
+            if self.cfg.run.export_format == "qwen2":
+                config = dataclasses.replace(config, model_type="qwen2", causal=True, mask_token_id=None)
             with torch.device("meta"):
-                plain = DreamModel(self.model_config)
+                plain = DreamModel(config)
             plain.load_state_dict(model_state, assign=True)
             plain.to(dtype).save_pretrained(path, tokenizer=self.tokenizer)
             if self.cfg.data.task:

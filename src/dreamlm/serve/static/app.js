@@ -84,7 +84,9 @@ async function loadModels() {
     const resp = await fetch("/v1/models", { headers: headers() });
     if (!resp.ok) { showError(await errorText(resp)); return; }
     const names = (await resp.json()).data.map((m) => m.id);
-    names.sort((a, b) => (b === "tiny-dream") - (a === "tiny-dream") || a.localeCompare(b));
+    // the bundled text model first (the default of the CLI), then the random-weight fixture, then the rest
+    const rank = (n) => (n === "stdlib-code" ? 0 : n === "tiny-dream" ? 1 : 2);
+    names.sort((a, b) => rank(a) - rank(b) || a.localeCompare(b));
     for (const select of document.querySelectorAll(".model-select")) {
       select.textContent = "";
       for (const name of names) select.add(new Option(name, name));

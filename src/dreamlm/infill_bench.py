@@ -1,0 +1,395 @@
+"""`dreamlm bench infill`: code infilling on held-out Python standard-library modules, diffusion against AR.
+
+Tasks (every case comes from modules no model trained on: `stdlib:valid`, without the generated tables under
+encodings/ and pydoc_data/); the context is sized to the smallest model context C (256 for the pipeline's models):
+  line   one whole line of a function body between C/2 tokens before it and C/4 after it
+  span-k k consecutive tokens of a held-out window, with the same context
+  next   the same lines given only the code before them (left-to-right completion)
+Every method is told the length of the answer in tokens (a diffusion canvas has that many masks; an AR model writes
+that many tokens), so the comparison is of what is written, not of where to stop. The diffusion model is also run
+with a *wrong* number of masks on the line task, to show the fixed-length limit. Each line case is kept only when
+its prefix, line and suffix tokenise to the same ids apart as together, so the canvas is exactly what the model saw
+in training. Held-out loss: next-token NLL for AR models, the Monte-Carlo ELBO (an upper bound on the NLL) for
+diffusion models, both in bits per token on the same blocks.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from dreamlm.errors import DreamError
+from dreamlm.model import DreamModel
+from dreamlm.tokenizer import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, DreamTokenizer
+
+SKIPPED_DIRS = {"encodings", "pydoc_data"}  # generated tables and help text, not code
+KINDS = ("diffusion", "ar", "ar-fim")
+# the pipeline of recipes/text (label, kind, run directory)
+PIPELINE = (("AR → diffusion (CART)", "diffusion", "runs/text/ar2diff/final"),
+            ("diffusion from scratch", "diffusion", "runs/text/diff-scratch/final"),
+            ("AR", "ar", "runs/text/ar-full/final"),
+            ("AR + FIM", "ar-fim", "runs/text/ar-fim/final"),
+            ("AR stage 1 (half the tokens)", "ar", "runs/text/ar-stage/final"))
+
+
+@dataclass
+class Case:
+    """One infilling problem in token ids: fill `middle` between `prefix` and `suffix` (empty for `next`)."""
+
+    task: str
+    prefix: list[int]
+    middle: list[int]
+    suffix: list[int]
+    where: str
+
+
+@dataclass
+class Entry:
+    """A model in the comparison."""
+
+    label: str
+    kind: str
+    path: Path
+    model: DreamModel | None = field(default=None, repr=False)
+
+
+def edit_similarity(a: str, b: str) -> float:
+    """1 - Levenshtein(a, b) / max(len(a), len(b)); 1.0 for two empty strings."""
+    if not a and not b:
+        return 1.0
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, start=1):
+        cur = [i]
+        for j, cb in enumerate(b, start=1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return 1.0 - prev[-1] / max(len(a), len(b))
+
+
+def heldout_sources() -> list[tuple[str, str]]:
+    """(name, source) of the held-out standard-library modules that parse, without generated tables."""
+    import sysconfig
+
+    from dreamlm.training.data import stdlib_split
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = []
+    for path in stdlib_split()[1]:
+        rel = path.relative_to(root)
+        if SKIPPED_DIRS & set(rel.parts):
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        try:
+            ast.parse(text)
+        except SyntaxError:
+            continue
+        out.append((str(rel), text))
+    if not out:
+        raise DreamError("no held-out standard-library modules found on this Python")
+    return out
+
+
+def _left(tok: DreamTokenizer, text: str, n: int) -> list[int]:
+    """The last n tokens of text (a window of characters, its first, possibly cut, token dropped)."""
+    ids = tok.encode(text[-12 * n:])
+    return ids[1:][-n:] if len(text) > 12 * n else ids[-n:]
+
+
+def _right(tok: DreamTokenizer, text: str, n: int) -> list[int]:
+    """The first n tokens of text (its last, possibly cut, token dropped when the text was cut)."""
+    ids = tok.encode(text[:12 * n])
+    return ids[:-1][:n] if len(text) > 12 * n else ids[:n]
+
+
+def body_lines(source: str) -> list[int]:
+    """Line numbers (1-based) of one-line statements inside function bodies: no docstrings, ASCII, 8-80 characters,
+    indented by spaces."""
+    lines = source.split("\n")
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for stmt in ast.walk(node):
+            if not isinstance(stmt, ast.stmt) or stmt is node or stmt.lineno != stmt.end_lineno:
+                continue
+            if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant):
+                continue  # docstrings
+            line = lines[stmt.lineno - 1]
+            content = line.strip()
+            indent = len(line) - len(line.lstrip(" "))
+            if (8 <= len(content) <= 80 and line.isascii() and indent >= 4 and line == line.rstrip()
+                    and not content.startswith("#") and line[indent:] == content):
+                found.add(stmt.lineno)
+    return sorted(found)
+
+
+@dataclass(frozen=True)
+class Window:
+    """Token budget of a case: context before and after, and the longest middle."""
+
+    prefix: int = 128
+    suffix: int = 64
+    middle: int = 60
+
+    @classmethod
+    def for_context(cls, context: int, spare: int = 0) -> "Window":
+        """Half the context before, a quarter after, the rest (less 3 FIM sentinels and `spare`) for the middle."""
+        w = cls(context // 2, context // 4, context - context // 2 - context // 4 - 3 - spare)
+        if w.middle < 1 or w.prefix < 8:
+            raise DreamError(f"a model context of {context} tokens is too small for the infill bench")
+        return w
+
+
+def line_cases(tok: DreamTokenizer, n: int, seed: int = 0, window: Window = Window()
+               ) -> tuple[list[Case], list[Case], int]:
+    """n `line` cases and the matching `next` cases (same lines, no suffix); also how many candidates were dropped
+    because their pieces tokenise differently apart than together (or the line is longer than the window allows)."""
+    candidates = []
+    for name, source in heldout_sources():
+        for lineno in body_lines(source):
+            candidates.append((name, source, lineno))
+    rng = random.Random(seed)
+    rng.shuffle(candidates)
+    lines_out: list[Case] = []
+    nexts: list[Case] = []
+    dropped = 0
+    for name, source, lineno in candidates:
+        if len(lines_out) == n:
+            break
+        lines = source.split("\n")
+        start = sum(len(s) + 1 for s in lines[:lineno - 1])
+        line = lines[lineno - 1]
+        indent = len(line) - len(line.lstrip(" "))
+        cut = start + indent - 1  # the last indent space belongs to the first word, as the BPE splits it
+        end = start + len(line) + 1  # the line's newline is part of the middle
+        before, middle_text, after = source[:cut], source[cut:end], source[end:]
+        prefix, suffix = _left(tok, before, window.prefix), _right(tok, after, window.suffix)
+        middle = tok.encode(middle_text)
+        if len(prefix) < 8 or not middle or len(middle) > window.middle:
+            dropped += 1
+            continue
+        joint = tok.encode(tok.decode(prefix) + middle_text + tok.decode(suffix))
+        if joint != prefix + middle + suffix:
+            dropped += 1
+            continue
+        where = f"{name}:{lineno}"
+        lines_out.append(Case("line", prefix, middle, suffix, where))
+        nexts.append(Case("next", prefix, middle, [], where))
+    if len(lines_out) < n:
+        raise DreamError(f"only {len(lines_out)} held-out lines qualify; ask for fewer (--n)")
+    return lines_out, nexts, dropped
+
+
+def span_cases(tok: DreamTokenizer, k: int, n: int, seed: int = 0, window: Window = Window()) -> list[Case]:
+    """n windows of held-out code with k tokens in the middle to fill (one tokenisation of the whole window)."""
+    if k > window.middle:
+        raise DreamError(f"spans of {k} tokens do not fit the models' context (at most {window.middle})")
+    P, S = window.prefix, window.suffix
+    sources = [(name, s) for name, s in heldout_sources() if len(s) > 4000]
+    rng = random.Random(seed * 1000 + k)
+    cases = []
+    while len(cases) < n:
+        name, source = rng.choice(sources)
+        at = rng.randrange(0, len(source) - 3000)
+        ids = tok.encode(source[at:at + 3000])[1:-1]
+        if len(ids) < P + k + S:
+            continue
+        cases.append(Case(f"span-{k}", ids[:P], ids[P:P + k], ids[P + k:P + k + S], f"{name}@{at}"))
+    return cases
+
+
+# ---- filling ----------------------------------------------------------------------------------------------------
+def diffusion_fill(model: DreamModel, tok: DreamTokenizer, case: Case, length: int) -> list[int]:
+    """`length` masks between the prefix and suffix, decoded one token per step (entropy order, argmax)."""
+    from dreamlm.sampling import Constraints, diffusion_generate
+    from dreamlm.sampling.infill import unwritable_ids
+
+    mask = model.config.mask_token_id
+    canvas = torch.tensor([case.prefix + [mask] * length + case.suffix])
+    out = diffusion_generate(model, canvas, max_length=canvas.shape[1], steps=length, alg="entropy",
+                             temperature=0.0, constraints=Constraints(banned_token_ids=unwritable_ids(model, tok)))
+    ids = out if isinstance(out, torch.Tensor) else out.sequences
+    return ids[0, len(case.prefix):len(case.prefix) + length].tolist()
+
+
+def ar_fill(model: DreamModel, tok: DreamTokenizer, case: Case, fim: bool) -> list[int]:
+    """Greedy left-to-right: prefix only, or (fim) <|fim_prefix|> P <|fim_suffix|> S <|fim_middle|>."""
+    from dreamlm.sampling.autoregressive import ar_generate
+    from dreamlm.sampling.infill import cut_at_eos
+
+    if fim and case.suffix:
+        ids = [tok.token_to_id(s) for s in (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE)]
+        if None in ids:
+            raise DreamError("an ar-fim model needs a tokenizer with the FIM sentinels")
+        prompt = [ids[0], *case.prefix, ids[1], *case.suffix, ids[2]]
+    else:
+        prompt = case.prefix
+    x, _ = ar_generate(model, torch.tensor([prompt]), len(case.middle), stop_at_eos=False)
+    return cut_at_eos(x[0, len(prompt):].tolist(), model.config.eos_token_id)
+
+
+def score_fills(tok: DreamTokenizer, cases: list[Case], fill: Callable[[Case], list[int]],
+                examples: int = 3) -> dict[str, Any]:
+    """Exact match and edit similarity of the decoded fills (whitespace at the ends ignored)."""
+    exact, sims, shown = 0, [], []
+    start = time.perf_counter()
+    for case in cases:
+        got = tok.decode(fill(case)).strip()
+        want = tok.decode(case.middle).strip()
+        exact += got == want
+        sims.append(edit_similarity(got, want))
+        if len(shown) < examples:
+            shown.append({"where": case.where, "want": want, "got": got})
+    return {"exact_match": exact / len(cases), "edit_similarity": sum(sims) / len(sims), "n": len(cases),
+            "seconds": round(time.perf_counter() - start, 1), "examples": shown}
+
+
+@torch.no_grad()
+def heldout_bits(entry: Entry, blocks: torch.Tensor, mc_num: int) -> dict[str, Any]:
+    """Bits per token of every block's tokens after the first: NLL (AR) or the MC ELBO bound (diffusion)."""
+    from dreamlm.training.objective import elbo_loglik
+
+    model = entry.model
+    assert model is not None
+    tokens = blocks.shape[0] * (blocks.shape[1] - 1)
+    if model.causal:
+        logits = model(blocks)[:, :-1].float()
+        nll = float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1),
+                                                      reduction="sum"))
+        measure = "NLL"
+    else:
+        nll = -sum(elbo_loglik(model, row[:1], row[1:], mc_num=mc_num, batch_size=mc_num, seed=0)
+                   for row in blocks.tolist())
+        measure = f"ELBO bound ({mc_num} samples)"
+    return {"bits_per_token": nll / tokens / torch.log(torch.tensor(2.0)).item(), "measure": measure,
+            "tokens": tokens}
+
+
+def load_entries(specs: list[tuple[str, str, Path]]) -> list[Entry]:
+    """Load each model; the kind must match the model (diffusion: bidirectional with a mask id; ar*: causal)."""
+    entries = []
+    for label, kind, path in specs:
+        if kind not in KINDS:
+            raise DreamError(f"unknown model kind {kind!r}; use one of {', '.join(KINDS)}")
+        if not (path / "config.json").is_file():
+            raise DreamError(f"{path} is not a model directory (no config.json)")
+        model = DreamModel.from_pretrained(path, dtype=torch.float32).eval()
+        if model.tokenizer is None:
+            raise DreamError(f"{path} has no tokenizer files")
+        if (kind == "diffusion") == model.causal or (kind == "diffusion" and model.config.mask_token_id is None):
+            raise DreamError(f"{path} is {'a causal (AR)' if model.causal else 'a diffusion'} model, not {kind}")
+        entries.append(Entry(label, kind, path, model))
+    probe = "def f(self, x):\n    return {'a': x} <|fim_middle|><|mask|><|endoftext|>"
+    if len({(e.model.tokenizer.vocab_size, tuple(e.model.tokenizer.encode(probe)))  # type: ignore[union-attr]
+            for e in entries}) > 1:
+        raise DreamError("the models do not share one tokenizer; the comparison needs the same tokens")
+    return entries
+
+
+def infill_bench(specs: list[tuple[str, str, Path]], n: int = 200, spans: tuple[int, ...] = (4, 16),
+                 wrong: tuple[int, ...] = (-2, 4), blocks: int = 16, mc_num: int = 32, seed: int = 0,
+                 advance: Callable[..., None] | None = None) -> dict[str, Any]:
+    """Score every model on every task; returns the report (see write_infill_report)."""
+    from dreamlm.bench import machine
+    from dreamlm.training.data import PackedBlocks, stdlib_split
+
+    step = advance or (lambda *a, **k: None)
+    entries = load_entries(specs)
+    tok = entries[0].model.tokenizer
+    assert tok is not None
+    context = min(e.model.config.context_length for e in entries if e.model is not None)
+    window = Window.for_context(context, spare=max(0, *wrong))
+    lines, nexts, dropped = line_cases(tok, n, seed, window)
+    tasks: dict[str, list[Case]] = {"line": lines}
+    for k in spans:
+        tasks[f"span-{k}"] = span_cases(tok, k, n, seed, window)
+    tasks["next"] = nexts
+    held = PackedBlocks(stdlib_split()[1], tok, context, seed=123).next_batch(blocks).x
+    results: dict[str, Any] = {}
+    for entry in entries:
+        model = entry.model
+        row: dict[str, Any] = {"kind": entry.kind, "path": str(entry.path), "tasks": {}}
+        for task, cases in tasks.items():
+            if entry.kind == "diffusion":
+                fill = lambda c, m=model: diffusion_fill(m, tok, c, len(c.middle))  # noqa: E731
+            else:
+                fill = lambda c, m=model, f=entry.kind == "ar-fim": ar_fill(m, tok, c, f)  # noqa: E731
+            row["tasks"][task] = score_fills(tok, cases, fill)
+            step(1, f"{entry.label}: {task}")
+        if entry.kind == "diffusion":
+            for delta in wrong:
+                fill = lambda c, m=model, d=delta: diffusion_fill(m, tok, c, max(1, len(c.middle) + d))  # noqa: E731
+                row["tasks"][f"line, {delta:+d} masks"] = score_fills(tok, lines, fill)
+                step(1, f"{entry.label}: wrong length {delta:+d}")
+        row["heldout"] = heldout_bits(entry, held, mc_num)
+        step(1, f"{entry.label}: held-out loss")
+        results[entry.label] = row
+    return {"command": "dreamlm " + " ".join(sys.argv[1:]) if sys.argv else "", "machine": machine(),
+            "settings": {"n": n, "spans": list(spans), "wrong_lengths": list(wrong), "blocks": blocks,
+                         "mc_num": mc_num, "seed": seed, "context": context, "prefix_tokens": window.prefix,
+                         "suffix_tokens": window.suffix, "max_middle_tokens": window.middle,
+                         "lines_dropped": dropped,
+                         "decoding": "diffusion: one token per step, entropy order, argmax; AR: greedy"},
+            "tasks": list(tasks), "results": results}
+
+
+def infill_table(report: dict[str, Any]) -> str:
+    """Markdown table: exact match / edit similarity per task, held-out bits per token."""
+    tasks = report["tasks"]
+    head = "| model | " + " | ".join(tasks) + " | held-out bits/token |"
+    lines = [head, "|---" * (len(tasks) + 2) + "|"]
+    for label, row in report["results"].items():
+        cells = [f"{100 * row['tasks'][t]['exact_match']:.1f} % / {row['tasks'][t]['edit_similarity']:.2f}"
+                 for t in tasks]
+        h = row["heldout"]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {h['bits_per_token']:.2f} "
+                     f"({'ELBO' if h['measure'].startswith('ELBO') else 'NLL'}) |")
+    wrong = [(label, t, r) for label, row in report["results"].items() for t, r in row["tasks"].items()
+             if t not in tasks]
+    if wrong:
+        lines += ["", "Diffusion with the wrong number of masks (line task; the true length is what the table "
+                  "above gives every method):", "", "| model | masks | exact match | edit similarity |",
+                  "|---|---|---|---|"]
+        lines += [f"| {label} | {t.split(', ')[1]} | {100 * r['exact_match']:.1f} % | {r['edit_similarity']:.2f} |"
+                  for label, t, r in wrong]
+    return "\n".join(lines)
+
+
+def write_infill_report(report: dict[str, Any], out_dir: Path) -> None:
+    """infill.md, infill.json and infill.png under out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    s = report["settings"]
+    (out_dir / "infill.md").write_text(
+        f"`{report['command']}` on {report['machine']}; {s['n']} cases per task from held-out standard-library "
+        f"modules; cells are exact match / edit similarity\n\n{infill_table(report)}\n")
+    (out_dir / "infill.json").write_text(json.dumps(report, indent=2) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks, labels = report["tasks"], list(report["results"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 1]})
+    width = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        row = report["results"][label]["tasks"]
+        left.bar([x + i * width for x in range(len(tasks))], [100 * row[t]["exact_match"] for t in tasks],
+                 width=width, label=label)
+    left.set_xticks([x + 0.4 - width / 2 for x in range(len(tasks))], tasks)
+    left.set_ylabel("exact match (%)")
+    left.legend(fontsize=8)
+    right.bar(range(len(labels)), [report["results"][lb]["heldout"]["bits_per_token"] for lb in labels],
+              color=[f"C{i}" for i in range(len(labels))])
+    right.set_xticks(range(len(labels)), labels, rotation=40, ha="right", fontsize=8)
+    right.set_ylabel("held-out bits/token (AR: NLL, diffusion: ELBO)")
+    fig.tight_layout()
+    fig.savefig(out_dir / "infill.png", dpi=120)
+    plt.close(fig)

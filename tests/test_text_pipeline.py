@@ -26,7 +26,15 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory, tokenizer):
+def fim_tokenizer():
+    from dreamlm.tiny import CORPUS
+    from dreamlm.tokenizer import train_tokenizer
+
+    return train_tokenizer(CORPUS * 20, fim=True)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("fim")
     for i in range(3):
         (root / f"doc{i}.txt").write_text(TEXT * (i + 3) + f"# file {i}\n")
@@ -39,7 +47,8 @@ def sentinels(tok: DreamTokenizer) -> tuple[int, int, int]:
     return ids  # type: ignore[return-value]
 
 
-def test_fim_blocks_rearrange_the_plain_block(corpus, tokenizer):
+def test_fim_blocks_rearrange_the_plain_block(corpus, fim_tokenizer):
+    tokenizer = fim_tokenizer
     files = sorted(corpus.glob("doc*.txt"))
     plain = PackedBlocks(files, tokenizer, 32, seed=3).next_batch(12).x.tolist()
     fim = PackedBlocks(files, tokenizer, 32, seed=3, fim_rate=1.0).next_batch(12).x.tolist()
@@ -54,7 +63,8 @@ def test_fim_blocks_rearrange_the_plain_block(corpus, tokenizer):
     assert none == plain
 
 
-def test_fim_rate_mixes_blocks_deterministically_and_resumes(corpus, tokenizer):
+def test_fim_rate_mixes_blocks_deterministically_and_resumes(corpus, fim_tokenizer):
+    tokenizer = fim_tokenizer
     files = sorted(corpus.glob("doc*.txt"))
     pre = sentinels(tokenizer)[0]
     a = PackedBlocks(files, tokenizer, 32, seed=1, fim_rate=0.5)
@@ -70,9 +80,22 @@ def test_fim_rate_mixes_blocks_deterministically_and_resumes(corpus, tokenizer):
     assert torch.equal(first, again)
 
 
-def test_fim_needs_the_sentinels(corpus):
-    with pytest.raises(DreamError, match="fim_prefix"):
-        PackedBlocks(sorted(corpus.glob("doc*.txt")), char_tokenizer("abc"), 32, fim_rate=0.5)
+def test_fim_needs_the_sentinels(corpus, tokenizer):
+    for plain in (char_tokenizer("abc"), tokenizer):  # tokenizers trained without --fim have no sentinels
+        with pytest.raises(DreamError, match="fim_prefix"):
+            PackedBlocks(sorted(corpus.glob("doc*.txt")), plain, 32, fim_rate=0.5)
+    assert fim_tokenizer_layout()
+
+
+def fim_tokenizer_layout() -> bool:
+    """Qwen2's order: end of text, chat, the three FIM sentinels, then Dream's mask last."""
+    from dreamlm.tiny import CORPUS
+    from dreamlm.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(CORPUS * 20, fim=True)
+    names = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, "<|mask|>"]
+    ids = [tok.token_to_id(n) for n in names]
+    return ids == list(range(ids[0], ids[0] + 7)) and tok.mask_token_id == ids[-1]
 
 
 @pytest.mark.parametrize("overrides, message", [

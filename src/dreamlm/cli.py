@@ -373,6 +373,8 @@ def train_tokenizer_cmd(
     data: list[str] = typer.Option(["stdlib:train"], "--data",
                                    help="Files, globs, directories or stdlib:train (repeatable)."),
     vocab_size: int = typer.Option(4096, help="BPE vocabulary size (before the special tokens)."),
+    fim: bool = typer.Option(True, "--fim/--no-fim", help="Add Qwen2's <|fim_prefix|>, <|fim_middle|>, "
+                             "<|fim_suffix|> (for AR baselines trained with data.fim_rate)."),
 ) -> None:
     """Train a Qwen2-style byte-level BPE (with <|mask|>, <|endoftext|> and a chat template)."""
     from dreamlm.tokenizer import train_tokenizer
@@ -385,7 +387,7 @@ def train_tokenizer_cmd(
         documents = [doc for doc in read_documents(resolve_files(data)) if doc.strip()]
         if not documents:
             raise DreamError(f"no text to train on in {', '.join(data)}")
-        tok = train_tokenizer(documents, vocab_size)
+        tok = train_tokenizer(documents, vocab_size, fim=fim)
         tok.save_pretrained(out_dir)
         out.print(f"wrote {out_dir} ({tok.vocab_size} ids)")
 

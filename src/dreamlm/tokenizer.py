@@ -228,7 +228,8 @@ class DreamTokenizer:
 # Qwen2's order (end of text, chat, fill-in-the-middle sentinels), then Dream's mask token last. The FIM sentinels
 # are for AR baselines trained in prefix-suffix-middle form; diffusion models never need them.
 FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, "<|mask|>"]
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"]
+FIM_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, "<|mask|>"]
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{%- if loop.first and message['role'] != 'system' %}"
@@ -240,9 +241,11 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> DreamTokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, fim: bool = False) -> DreamTokenizer:
     """Train a Qwen2-style byte-level BPE on texts and append Dream's special tokens after it (with a chat
-    template), the layout real Dream tokenizers have."""
+    template), the layout real Dream tokenizers have; `fim` adds Qwen2's fill-in-the-middle sentinels before
+    <|mask|> (for AR baselines trained with data.fim_rate)."""
+    specials = FIM_SPECIALS if fim else SPECIALS
     probe = qwen2_bpe({}, [])  # same normalizer/pre-tokenizer/decoder as the real format
     tok = Tokenizer(BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
     tok.normalizer, tok.pre_tokenizer, tok.decoder = probe.normalizer, probe.pre_tokenizer, probe.decoder
@@ -250,12 +253,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> DreamTokeniz
                                   show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
     base = tok.get_vocab_size()
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
     config = {
         "added_tokens_decoder": {
             str(base + i): {"content": s, "special": True, "normalized": False, "lstrip": False, "rstrip": False,
                             "single_word": False}
-            for i, s in enumerate(SPECIALS)
+            for i, s in enumerate(specials)
         },
         "bos_token": None,
         "eos_token": "<|endoftext|>",

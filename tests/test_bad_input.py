@@ -100,7 +100,8 @@ def cases(f: dict[str, Path]) -> list[list[str]]:
     out.append(["train", "--set", f"data.train={f['notext']}", "--max-steps", "1", "--out-dir", str(f["dir"] / "r")])
     out.append(["train", "/nonexistent.toml"])
     for setting in ["nosection=1", "optim.nope=1", "optim.max_steps=abc", "model.attention_bias=false",
-                    "optim.lr=nan", "run.out_dir="]:
+                    "optim.lr=nan", "run.out_dir=", "data.fim_rate=2", "data.fim_rate=abc", "data.fim_rate=0.5",
+                    "run.export_format=hf", "run.export_format=qwen2"]:
         out.append(["train", "--set", setting, "--max-steps", "1", "--out-dir", str(f["dir"] / "run")])
     out.append(["train", "--out-dir", str(f["text"]), "--max-steps", "1"])  # a file where the run folder goes
     out.append(["train-tokenizer", under_file, "--vocab-size", "400", "--data", str(f["text"])])
@@ -138,6 +139,11 @@ def cases(f: dict[str, Path]) -> list[list[str]]:
     for extra in (["--concurrency", "a"], ["--concurrency", "0"], ["--max-tokens", "0"], ["--temperature", "nan"],
                   ["-m", "/nonexistent"]):
         out.append(["bench", "serve", *extra])
+    for extra in (["--n", "0"], ["--blocks", "0"], ["--mc-num", "0"], ["--spans", "a"], ["--spans", "99"],
+                  ["--spans", "-4"], ["--out", under_file], ["-m", "diffusion"], ["-m", "gpt=x"],
+                  ["-m", "diffusion=/nonexistent"], ["-m", f"ar={TINY}"], ["-m", f"ar-fim={TINY}"],
+                  ["-m", f"diffusion={f['text']}"]):
+        out.append(["bench", "infill", *extra])
     return out
 
 

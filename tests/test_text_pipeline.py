@@ -84,18 +84,13 @@ def test_fim_needs_the_sentinels(corpus, tokenizer):
     for plain in (char_tokenizer("abc"), tokenizer):  # tokenizers trained without --fim have no sentinels
         with pytest.raises(DreamError, match="fim_prefix"):
             PackedBlocks(sorted(corpus.glob("doc*.txt")), plain, 32, fim_rate=0.5)
-    assert fim_tokenizer_layout()
 
 
-def fim_tokenizer_layout() -> bool:
-    """Qwen2's order: end of text, chat, the three FIM sentinels, then Dream's mask last."""
-    from dreamlm.tiny import CORPUS
-    from dreamlm.tokenizer import train_tokenizer
-
-    tok = train_tokenizer(CORPUS * 20, fim=True)
+def test_fim_tokenizer_keeps_qwen2s_order_with_the_mask_last(fim_tokenizer, tokenizer):
     names = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, "<|mask|>"]
-    ids = [tok.token_to_id(n) for n in names]
-    return ids == list(range(ids[0], ids[0] + 7)) and tok.mask_token_id == ids[-1]
+    ids = [fim_tokenizer.token_to_id(n) for n in names]
+    assert ids == list(range(ids[0], ids[0] + 7)) and fim_tokenizer.mask_token_id == ids[-1]
+    assert tokenizer.token_to_id(FIM_PREFIX) is None  # without fim=True the layout is unchanged
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -76,11 +76,9 @@ def edit_similarity(a: str, b: str) -> float:
 
 def heldout_sources() -> list[tuple[str, str]]:
     """(name, source) of the held-out standard-library modules that parse, without generated tables."""
-    import sysconfig
+    from dreamlm.training.data import stdlib_root, stdlib_split
 
-    from dreamlm.training.data import stdlib_split
-
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = stdlib_root()
     out = []
     for path in stdlib_split()[1]:
         rel = path.relative_to(root)
@@ -236,6 +234,16 @@ def ar_fill(model: DreamModel, tok: DreamTokenizer, case: Case, fim: bool) -> li
     return cut_at_eos(x[0, len(prompt):].tolist(), model.config.eos_token_id)
 
 
+def filler(entry: Entry, tok: DreamTokenizer, extra_masks: int = 0) -> Callable[[Case], list[int]]:
+    """How `entry` fills a case: diffusion with the true length plus `extra_masks` (at least 1), AR with the
+    true length (with the FIM prompt for an ar-fim model)."""
+    model = entry.model
+    assert model is not None
+    if entry.kind == "diffusion":
+        return lambda case: diffusion_fill(model, tok, case, max(1, len(case.middle) + extra_masks))
+    return lambda case: ar_fill(model, tok, case, entry.kind == "ar-fim")
+
+
 def score_fills(tok: DreamTokenizer, cases: list[Case], fill: Callable[[Case], list[int]],
                 examples: int = 3) -> dict[str, Any]:
     """Exact match and edit similarity of the decoded fills (whitespace at the ends ignored)."""
@@ -255,7 +263,7 @@ def score_fills(tok: DreamTokenizer, cases: list[Case], fill: Callable[[Case], l
 @torch.no_grad()
 def heldout_bits(entry: Entry, blocks: torch.Tensor, mc_num: int) -> dict[str, Any]:
     """Bits per token of every block's tokens after the first: NLL (AR) or the MC ELBO bound (diffusion)."""
-    from dreamlm.training.objective import elbo_loglik
+    from dreamlm.training.objective import bits_per_token, elbo_loglik
 
     model = entry.model
     assert model is not None
@@ -269,8 +277,7 @@ def heldout_bits(entry: Entry, blocks: torch.Tensor, mc_num: int) -> dict[str, A
         nll = -sum(elbo_loglik(model, row[:1], row[1:], mc_num=mc_num, batch_size=mc_num, seed=0)
                    for row in blocks.tolist())
         measure = f"ELBO bound ({mc_num} samples)"
-    return {"bits_per_token": nll / tokens / torch.log(torch.tensor(2.0)).item(), "measure": measure,
-            "tokens": tokens}
+    return {"bits_per_token": bits_per_token(nll, tokens), "measure": measure, "tokens": tokens}
 
 
 def load_entries(specs: list[tuple[str, str, Path]]) -> list[Entry]:
@@ -315,19 +322,13 @@ def infill_bench(specs: list[tuple[str, str, Path]], n: int = 200, spans: tuple[
     held = PackedBlocks(stdlib_split()[1], tok, context, seed=123).next_batch(blocks).x
     results: dict[str, Any] = {}
     for entry in entries:
-        model = entry.model
         row: dict[str, Any] = {"kind": entry.kind, "path": str(entry.path), "tasks": {}}
         for task, cases in tasks.items():
-            if entry.kind == "diffusion":
-                fill = lambda c, m=model: diffusion_fill(m, tok, c, len(c.middle))  # noqa: E731
-            else:
-                fill = lambda c, m=model, f=entry.kind == "ar-fim": ar_fill(m, tok, c, f)  # noqa: E731
-            row["tasks"][task] = score_fills(tok, cases, fill)
+            row["tasks"][task] = score_fills(tok, cases, filler(entry, tok))
             step(1, f"{entry.label}: {task}")
         if entry.kind == "diffusion":
             for delta in wrong:
-                fill = lambda c, m=model, d=delta: diffusion_fill(m, tok, c, max(1, len(c.middle) + d))  # noqa: E731
-                row["tasks"][f"line, {delta:+d} masks"] = score_fills(tok, lines, fill)
+                row["tasks"][f"line, {delta:+d} masks"] = score_fills(tok, lines, filler(entry, tok, delta))
                 step(1, f"{entry.label}: wrong length {delta:+d}")
         row["heldout"] = heldout_bits(entry, held, mc_num)
         step(1, f"{entry.label}: held-out loss")

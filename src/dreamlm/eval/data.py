@@ -58,11 +58,9 @@ def sudoku_mc_set(n: int) -> list[dict]:
 def code_infill_set(n: int, tokenizer: DreamTokenizer) -> list[dict]:
     """Standard-library lines to fill between their neighbours; `tokens` is the line's length under `tokenizer`
     (the bundled default model's), the span length the template asks for."""
-    import sysconfig
+    from dreamlm.training.data import stdlib_root, stdlib_split
 
-    from dreamlm.training.data import stdlib_split
-
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = stdlib_root()
     held_out = {str(p.relative_to(root)) for p in stdlib_split()[1]}
     candidates = []
     for name in INFILL_MODULES:

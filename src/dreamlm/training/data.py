@@ -84,10 +84,15 @@ class Batch:
     index: torch.Tensor
 
 
+def stdlib_root() -> Path:
+    """The running Python's standard-library folder."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
 def stdlib_split(valid_share: float = 0.05) -> tuple[list[Path], list[Path]]:
     """The running Python's standard-library .py files (no tests, no idlelib), split by a hash of each module's
     path into train and held-out *modules*: a real code corpus on every machine."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = stdlib_root()
     files = sorted(p for p in root.rglob("*.py")
                    if not {"site-packages", "test", "tests", "idlelib"} & set(p.relative_to(root).parts))
     train_files, valid_files = [], []

@@ -142,7 +142,7 @@ def cases(f: dict[str, Path]) -> list[list[str]]:
     for extra in (["--n", "0"], ["--blocks", "0"], ["--mc-num", "0"], ["--spans", "a"], ["--spans", "99"],
                   ["--spans", "-4"], ["--out", under_file], ["-m", "diffusion"], ["-m", "gpt=x"],
                   ["-m", "diffusion=/nonexistent"], ["-m", f"ar={TINY}"], ["-m", f"ar-fim={TINY}"],
-                  ["-m", f"diffusion={f['text']}"]):
+                  ["-m", f"diffusion={f['text']}"], ["--seed", "-1"], ["--alg", "bogus"]):
         out.append(["bench", "infill", *extra])
     return out
 

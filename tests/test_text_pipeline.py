@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from dreamlm.cli import app
 from dreamlm.errors import DreamError
-from dreamlm.infill_bench import (Case, body_lines, diffusion_fill, edit_similarity, line_cases, span_cases)
+from dreamlm.infill_bench import (Case, body_lines, diffusion_fill, edit_similarity, line_cases, paired_difference,
+                                  span_cases)
 from dreamlm.model import DreamModel
 from dreamlm.tokenizer import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, DreamTokenizer
 from dreamlm.training.config import TrainConfig
@@ -215,6 +216,42 @@ def test_bench_infill_compares_the_pipeline_models(pipeline, tmp_path):
     assert "line, +4 masks" in report["results"]["diffusion: ar2diff"]["tasks"]
     assert "line, +4 masks" not in report["results"]["ar: ar-full"]["tasks"]
     assert (tmp_path / "infill.png").stat().st_size > 1000 and "| ar-fim: ar-fim |" in res.output
+    # every diffusion model against every AR model, case by case, from the per-case scores
+    pairs = [(p["diffusion"], p["baseline"]) for p in report["paired"]]
+    assert pairs == [("diffusion: ar2diff", "ar: ar-full"), ("diffusion: ar2diff", "ar-fim: ar-fim"),
+                     ("diffusion: diff-scratch", "ar: ar-full"), ("diffusion: diff-scratch", "ar-fim: ar-fim")]
+    d, b = report["results"]["diffusion: ar2diff"]["tasks"]["line"], report["results"]["ar: ar-full"]["tasks"]["line"]
+    assert len(d["per_case"]) == 3
+    assert report["paired"][0]["tasks"]["line"]["mean"] == pytest.approx(d["edit_similarity"] - b["edit_similarity"],
+                                                                         abs=1e-3)
+    assert "Diffusion minus AR" in res.output and report["settings"]["decoding"].startswith(
+        "diffusion: one token per step, entropy order")
+
+
+def test_paired_difference_is_the_mean_with_a_bootstrap_interval():
+    same = paired_difference([0.1, 0.5, 0.9], [0.1, 0.5, 0.9])
+    assert same == {"mean": 0.0, "low": 0.0, "high": 0.0}
+    shifted = paired_difference([0.3, 0.7, 1.0, 0.2], [0.2, 0.6, 0.9, 0.1])  # every case +0.1: no spread
+    assert shifted["mean"] == pytest.approx(0.1) and shifted["low"] == pytest.approx(0.1)
+    assert shifted["high"] == pytest.approx(0.1)
+    a = [i / 50 for i in range(50)]
+    b = [0.5] * 50
+    mixed = paired_difference(a, b)
+    assert mixed["low"] < mixed["mean"] < mixed["high"] and mixed["mean"] == pytest.approx(0.49 - 0.5)
+    assert mixed["low"] > -0.2 and mixed["high"] < 0.2  # sd 0.29 over 50 cases: about +-0.08
+    assert paired_difference(a, b) == mixed  # seeded
+    with pytest.raises(DreamError, match="same, non-empty list of cases"):
+        paired_difference([0.1, 0.2], [0.1])
+
+
+def test_bench_infill_decodes_in_the_order_asked(pipeline, tmp_path):
+    res = runner.invoke(app, ["bench", "infill", "--n", "2", "--spans", "4", "--blocks", "1", "--mc-num", "1",
+                              "--alg", "maskgit_plus", "--seed", "3", "-m",
+                              f"diffusion={pipeline / 'ar2diff' / 'final'}", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "infill.json").read_text())
+    assert report["settings"]["seed"] == 3 and "maskgit_plus order" in report["settings"]["decoding"]
+    assert report["paired"] == []  # no AR model to compare with
 
 
 @pytest.mark.parametrize("args, message", [
@@ -224,6 +261,8 @@ def test_bench_infill_compares_the_pipeline_models(pipeline, tmp_path):
     (["--spans", "4,x"], "--spans must be comma-separated integers"),
     (["--spans", "0"], "every span length must be in 1..64"),
     (["--n", "0"], "--n must be >= 1"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--alg", "bogus"], "unknown alg 'bogus'"),
 ])
 def test_bench_infill_bad_input_is_one_line(args, message, tmp_path):
     res = runner.invoke(app, ["bench", "infill", "--out", str(tmp_path / "o"), *args])

@@ -678,15 +678,21 @@ def bench_infill(model: Optional[list[str]] = typer.Option(
                  spans: str = typer.Option("4,16", help="Comma-separated span lengths k (tokens) for the span tasks."),
                  blocks: int = typer.Option(16, help="Held-out 256-token blocks for the loss / ELBO."),
                  mc_num: int = typer.Option(32, help="Monte-Carlo samples per block for a diffusion model's ELBO."),
+                 seed: int = typer.Option(0, help="Which cases are drawn (0: the published table; another seed "
+                                                  "gives a fresh set, e.g. to choose settings on)."),
+                 alg: str = AlgOpt,
                  out_dir: Path = typer.Option(Path("dreamlm-bench"), "--out", help="Folder for the table, JSON and plot "
                                                                   "(the repo's own: benchmarks/results).")
                  ) -> None:
     """Code infilling on held-out stdlib modules: diffusion vs AR vs AR with fill-in-the-middle, and held-out loss."""
     from dreamlm.infill_bench import PIPELINE, infill_bench, infill_table, write_infill_report
+    from dreamlm.sampling.options import Alg
 
     with user_errors():
         for name, value in (("--n", n), ("--blocks", blocks), ("--mc-num", mc_num)):
             check_at_least(name, value)
+        check_at_least("--seed", seed, 0)
+        Alg.parse(alg)
         try:
             ks = tuple(int(k) for k in spans.split(",") if k.strip())
         except ValueError:
@@ -706,7 +712,8 @@ def bench_infill(model: Optional[list[str]] = typer.Option(
             specs = [("stdlib-code (bundled)", "diffusion", default_model_dir())]
         output_dir(out_dir)
         with progress("bench infill") as advance:
-            report = infill_bench(specs, n=n, spans=ks, blocks=blocks, mc_num=mc_num, advance=advance)
+            report = infill_bench(specs, n=n, spans=ks, blocks=blocks, mc_num=mc_num, seed=seed, alg=alg,
+                                  advance=advance)
         write_infill_report(report, out_dir)
         print(infill_table(report))
         err.print(f"machine: {report['machine']}; wrote {out_dir}/infill.(md|json|png)")

@@ -10,7 +10,9 @@ that many tokens), so the comparison is of what is written, not of where to stop
 with a *wrong* number of masks on the line task, to show the fixed-length limit. Each line case is kept only when
 its prefix, line and suffix tokenise to the same ids apart as together, so the canvas is exactly what the model saw
 in training. Held-out loss: next-token NLL for AR models, the Monte-Carlo ELBO (an upper bound on the NLL) for
-diffusion models, both in bits per token on the same blocks.
+diffusion models, both in bits per token on the same blocks. Every method fills the same cases, so each diffusion
+model is compared with each AR model case by case: the mean difference in edit similarity with a 95 % paired
+bootstrap interval (an interval that holds 0 means the bench cannot tell the two apart at this n).
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ PIPELINE = (("AR → diffusion (CART)", "diffusion", "runs/text/ar2diff/final"),
             ("diffusion from scratch", "diffusion", "runs/text/diff-scratch/final"),
             ("AR", "ar", "runs/text/ar-full/final"),
             ("AR + FIM", "ar-fim", "runs/text/ar-fim/final"),
-            ("AR stage 1 (half the tokens)", "ar", "runs/text/ar-stage/final"))
+            ("AR stage 1 (half the tokens)", "ar", "runs/text/ar-stage/final"),
+            ("AR 75 % → diffusion 25 %", "diffusion", "runs/text/split75-diff/final"))
+BOOTSTRAP = 2000  # resamples of the paired interval
 
 
 @dataclass
@@ -205,14 +209,15 @@ def span_cases(tok: DreamTokenizer, k: int, n: int, seed: int = 0, window: Windo
 
 
 # ---- filling ----------------------------------------------------------------------------------------------------
-def diffusion_fill(model: DreamModel, tok: DreamTokenizer, case: Case, length: int) -> list[int]:
-    """`length` masks between the prefix and suffix, decoded one token per step (entropy order, argmax)."""
+def diffusion_fill(model: DreamModel, tok: DreamTokenizer, case: Case, length: int, alg: str = "entropy"
+                   ) -> list[int]:
+    """`length` masks between the prefix and suffix, decoded one token per step (in `alg`'s order, argmax)."""
     from dreamlm.sampling import Constraints, diffusion_generate
     from dreamlm.sampling.infill import unwritable_ids
 
     mask = model.config.mask_token_id
     canvas = torch.tensor([case.prefix + [mask] * length + case.suffix])
-    out = diffusion_generate(model, canvas, max_length=canvas.shape[1], steps=length, alg="entropy",
+    out = diffusion_generate(model, canvas, max_length=canvas.shape[1], steps=length, alg=alg,
                              temperature=0.0, constraints=Constraints(banned_token_ids=unwritable_ids(model, tok)))
     ids = out if isinstance(out, torch.Tensor) else out.sequences
     return ids[0, len(case.prefix):len(case.prefix) + length].tolist()
@@ -234,19 +239,21 @@ def ar_fill(model: DreamModel, tok: DreamTokenizer, case: Case, fim: bool) -> li
     return cut_at_eos(x[0, len(prompt):].tolist(), model.config.eos_token_id)
 
 
-def filler(entry: Entry, tok: DreamTokenizer, extra_masks: int = 0) -> Callable[[Case], list[int]]:
-    """How `entry` fills a case: diffusion with the true length plus `extra_masks` (at least 1), AR with the
-    true length (with the FIM prompt for an ar-fim model)."""
+def filler(entry: Entry, tok: DreamTokenizer, extra_masks: int = 0, alg: str = "entropy"
+           ) -> Callable[[Case], list[int]]:
+    """How `entry` fills a case: diffusion with the true length plus `extra_masks` (at least 1), decoded in `alg`'s
+    order; AR with the true length (with the FIM prompt for an ar-fim model)."""
     model = entry.model
     assert model is not None
     if entry.kind == "diffusion":
-        return lambda case: diffusion_fill(model, tok, case, max(1, len(case.middle) + extra_masks))
+        return lambda case: diffusion_fill(model, tok, case, max(1, len(case.middle) + extra_masks), alg)
     return lambda case: ar_fill(model, tok, case, entry.kind == "ar-fim")
 
 
 def score_fills(tok: DreamTokenizer, cases: list[Case], fill: Callable[[Case], list[int]],
                 examples: int = 3) -> dict[str, Any]:
-    """Exact match and edit similarity of the decoded fills (whitespace at the ends ignored)."""
+    """Exact match and edit similarity of the decoded fills (whitespace at the ends ignored); `per_case` keeps each
+    case's edit similarity, in case order, for the paired comparison."""
     exact, sims, shown = 0, [], []
     start = time.perf_counter()
     for case in cases:
@@ -257,7 +264,35 @@ def score_fills(tok: DreamTokenizer, cases: list[Case], fill: Callable[[Case], l
         if len(shown) < examples:
             shown.append({"where": case.where, "want": want, "got": got})
     return {"exact_match": exact / len(cases), "edit_similarity": sum(sims) / len(sims), "n": len(cases),
-            "seconds": round(time.perf_counter() - start, 1), "examples": shown}
+            "seconds": round(time.perf_counter() - start, 1), "examples": shown,
+            "per_case": [round(x, 4) for x in sims]}
+
+
+def paired_difference(a: list[float], b: list[float], resamples: int = BOOTSTRAP, seed: int = 0
+                      ) -> dict[str, float]:
+    """Mean of a - b over paired cases and its 95 % percentile bootstrap interval (cases resampled together)."""
+    if len(a) != len(b) or not a:
+        raise DreamError("a paired comparison needs the same, non-empty list of cases on both sides")
+    diff = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    means = diff[torch.randint(len(a), (resamples, len(a)), generator=gen)].mean(dim=1)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"mean": float(diff.mean()), "low": low, "high": high}
+
+
+def paired_comparisons(results: dict[str, Any], tasks: list[str]) -> list[dict[str, Any]]:
+    """Each diffusion model against each AR / AR-FIM model on every task: edit similarity, diffusion minus AR."""
+    out = []
+    for d_label, d in results.items():
+        if d["kind"] != "diffusion":
+            continue
+        for b_label, b in results.items():
+            if b["kind"] == "diffusion":
+                continue
+            out.append({"diffusion": d_label, "baseline": b_label,
+                        "tasks": {t: paired_difference(d["tasks"][t]["per_case"], b["tasks"][t]["per_case"])
+                                  for t in tasks}})
+    return out
 
 
 @torch.no_grad()
@@ -303,7 +338,7 @@ def load_entries(specs: list[tuple[str, str, Path]]) -> list[Entry]:
 
 def infill_bench(specs: list[tuple[str, str, Path]], n: int = 200, spans: tuple[int, ...] = (4, 16),
                  wrong: tuple[int, ...] = (-2, 4), blocks: int = 16, mc_num: int = 32, seed: int = 0,
-                 advance: Callable[..., None] | None = None) -> dict[str, Any]:
+                 alg: str = "entropy", advance: Callable[..., None] | None = None) -> dict[str, Any]:
     """Score every model on every task; returns the report (see write_infill_report)."""
     from dreamlm.bench import machine
     from dreamlm.training.data import PackedBlocks, stdlib_split
@@ -324,11 +359,11 @@ def infill_bench(specs: list[tuple[str, str, Path]], n: int = 200, spans: tuple[
     for entry in entries:
         row: dict[str, Any] = {"kind": entry.kind, "path": str(entry.path), "tasks": {}}
         for task, cases in tasks.items():
-            row["tasks"][task] = score_fills(tok, cases, filler(entry, tok))
+            row["tasks"][task] = score_fills(tok, cases, filler(entry, tok, alg=alg))
             step(1, f"{entry.label}: {task}")
         if entry.kind == "diffusion":
             for delta in wrong:
-                row["tasks"][f"line, {delta:+d} masks"] = score_fills(tok, lines, filler(entry, tok, delta))
+                row["tasks"][f"line, {delta:+d} masks"] = score_fills(tok, lines, filler(entry, tok, delta, alg))
                 step(1, f"{entry.label}: wrong length {delta:+d}")
         row["heldout"] = heldout_bits(entry, held, mc_num)
         step(1, f"{entry.label}: held-out loss")
@@ -338,8 +373,9 @@ def infill_bench(specs: list[tuple[str, str, Path]], n: int = 200, spans: tuple[
                          "mc_num": mc_num, "seed": seed, "context": context, "prefix_tokens": window.prefix,
                          "suffix_tokens": window.suffix, "max_middle_tokens": window.middle,
                          "lines_dropped": dropped,
-                         "decoding": "diffusion: one token per step, entropy order, argmax; AR: greedy"},
-            "tasks": list(tasks), "results": results}
+                         "decoding": f"diffusion: one token per step, {alg} order, argmax; AR: greedy",
+                         "bootstrap_resamples": BOOTSTRAP},
+            "tasks": list(tasks), "results": results, "paired": paired_comparisons(results, list(tasks))}
 
 
 def infill_table(report: dict[str, Any]) -> str:
@@ -361,6 +397,13 @@ def infill_table(report: dict[str, Any]) -> str:
                   "|---|---|---|---|"]
         lines += [f"| {label} | {t.split(', ')[1]} | {100 * r['exact_match']:.1f} % | {r['edit_similarity']:.2f} |"
                   for label, t, r in wrong]
+    if report.get("paired"):
+        lines += ["", "Diffusion minus AR, case by case (edit similarity: mean difference [95 % paired bootstrap "
+                  "interval]; above 0 favours diffusion):", "", "| diffusion | against | " + " | ".join(tasks) + " |",
+                  "|---" * (len(tasks) + 2) + "|"]
+        for pair in report["paired"]:
+            cells = [f"{c['mean']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]" for c in pair["tasks"].values()]
+            lines.append(f"| {pair['diffusion']} | {pair['baseline']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

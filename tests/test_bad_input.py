@@ -101,7 +101,8 @@ def cases(f: dict[str, Path]) -> list[list[str]]:
     out.append(["train", "/nonexistent.toml"])
     for setting in ["nosection=1", "optim.nope=1", "optim.max_steps=abc", "model.attention_bias=false",
                     "optim.lr=nan", "run.out_dir=", "data.fim_rate=2", "data.fim_rate=abc", "data.fim_rate=0.5",
-                    "run.export_format=hf", "run.export_format=qwen2"]:
+                    "objective.span_rate=-1", "objective.span_rate=x", "run.export_format=hf",
+                    "run.export_format=qwen2"]:
         out.append(["train", "--set", setting, "--max-steps", "1", "--out-dir", str(f["dir"] / "run")])
     out.append(["train", "--out-dir", str(f["text"]), "--max-steps", "1"])  # a file where the run folder goes
     out.append(["train-tokenizer", under_file, "--vocab-size", "400", "--data", str(f["text"])])

@@ -13,7 +13,7 @@ from dreamlm.config import DreamConfig
 from dreamlm.errors import DreamError
 from dreamlm.model import DreamModel
 from dreamlm.training.objective import (DiffusionObjective, ar_loss, cart_weights, diffusion_loss, elbo_loglik,
-                                        mask_tokens, sample_times, token_weights)
+                                        mask_span, mask_tokens, sample_times, token_weights)
 
 
 def cart_direct(masked: torch.Tensor, p: float) -> torch.Tensor:
@@ -69,6 +69,23 @@ def test_masking_respects_maskable():
     rate = masked[:, 4:].float().mean(1)
     assert torch.corrcoef(torch.stack([rate, t]))[0, 1] > 0.98  # masking probability follows t
     assert t.min() >= 1e-3 and t.max() <= 1
+
+
+def test_span_mask_is_one_run_of_round_t_n_maskable_positions():
+    maskable = torch.zeros(300, 40, dtype=torch.bool)
+    maskable[:, 7:] = True  # an SFT row: the prompt (and position 0) is never masked; 33 maskable positions
+    t = sample_times(300, 1e-3, torch.Generator().manual_seed(0))
+    masked = mask_span(maskable, t, torch.Generator().manual_seed(1))
+    starts, ends = [], []
+    for row, tr in zip(masked, t.tolist()):
+        where = row.nonzero(as_tuple=True)[0].tolist()
+        assert len(where) == min(33, max(1, round(tr * 33)))  # the same share as independent masking at t
+        assert where == list(range(where[0], where[-1] + 1)) and where[0] >= 7  # one contiguous run, maskable only
+        starts.append(where[0])
+        ends.append(where[-1])
+    assert min(starts) == 7 and max(ends) == 39  # the run reaches both ends of the maskable part
+    assert len(set(starts)) > 20  # and its place varies
+    assert not mask_span(torch.zeros(2, 5, dtype=torch.bool), torch.tensor([0.5, 1.0])).any()  # nothing maskable
 
 
 def test_diffusion_loss_equals_hand_computation():

@@ -18,7 +18,7 @@ from dreamlm.training import state as state_module
 from dreamlm.training.config import TrainConfig
 from dreamlm.tokenizer import DreamTokenizer
 from dreamlm.training.data import ExampleBatches, PackedBlocks, char_tokenizer, read_examples
-from dreamlm.training.trainer import train
+from dreamlm.training.trainer import Trainer, draw_noise, train
 
 TEXT = ("def add(a, b):\n    return a + b\n\nclass Point:\n    def __init__(self, x, y):\n        self.x = x\n"
         "        self.y = y\n\nprint(add(1, 2))\n")
@@ -57,6 +57,26 @@ def test_resume_is_bit_exact(tmp_path, corpus):
     a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "a" / "loss.png").stat().st_size > 1000
+
+
+def test_span_rate_mixes_span_rows_into_the_same_draws(corpus, tokenizer):
+    batch = PackedBlocks(sorted(corpus.glob("doc*.txt")), tokenizer, 32, seed=0).next_batch(40)
+    plain, spans, half = (draw_noise(batch, 3, 1e-3, 99, rate) for rate in (0.0, 1.0, 0.5))
+    assert torch.equal(plain.t, spans.t) and torch.equal(plain.t, half.t)  # t never changes
+    kinds = []
+    for row in range(40):
+        where = spans.masked[row].nonzero(as_tuple=True)[0].tolist()
+        assert where == list(range(where[0], where[-1] + 1)) and where[0] >= 1  # one run, never position 0
+        same = [torch.equal(half.masked[row], d.masked[row]) for d in (plain, spans)]
+        assert any(same)  # each example is either its plain draw or its span draw
+        kinds.append(same[1] and not same[0])
+    assert 10 < sum(kinds) < 30  # about half are spans
+
+
+def test_evaluation_ignores_span_rate(tmp_path, corpus):
+    values = [Trainer(pretrain_cfg(corpus, tmp_path / f"r{rate}", f"objective.span_rate={rate}")).evaluate()
+              for rate in (0.0, 0.5)]
+    assert values[0] is not None and values[0] == values[1]  # held-out loss is always Dream's objective
 
 
 def test_crash_during_save_loses_nothing(tmp_path, corpus, monkeypatch):
@@ -226,6 +246,8 @@ def test_packed_blocks_resume_and_shard(corpus, tokenizer):
     (["objective.kind=gan"], "objective.kind must be"),
     (["optim.max_steps=0"], "optim.max_steps must be"),
     (["run.export_dtype=int8"], "run.export_dtype"),
+    (["objective.span_rate=1.5"], r"objective.span_rate must be in \[0, 1\]"),
+    (["objective.span_rate=0.5", "objective.kind=ar"], "objective.span_rate is for diffusion training"),
 ])
 def test_config_errors(overrides, message):
     with pytest.raises(DreamError, match=message):

@@ -425,10 +425,10 @@ def write_infill_report(report: dict[str, Any], out_dir: Path) -> None:
     width = 0.8 / len(labels)
     for i, label in enumerate(labels):
         row = report["results"][label]["tasks"]
-        left.bar([x + i * width for x in range(len(tasks))], [100 * row[t]["exact_match"] for t in tasks],
+        left.bar([x + i * width for x in range(len(tasks))], [row[t]["edit_similarity"] for t in tasks],
                  width=width, label=label)
     left.set_xticks([x + 0.4 - width / 2 for x in range(len(tasks))], tasks)
-    left.set_ylabel("exact match (%)")
+    left.set_ylabel("edit similarity (exact match: see the table)")
     left.legend(fontsize=8)
     right.bar(range(len(labels)), [report["results"][lb]["heldout"]["bits_per_token"] for lb in labels],
               color=[f"C{i}" for i in range(len(labels))])

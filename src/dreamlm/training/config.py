@@ -24,7 +24,9 @@ Sections and keys (all optional except data.train):
              <|fim_prefix|> prefix <|fim_suffix|> suffix <|fim_middle|> middle at two random cut points, the
              fair AR baseline for infilling; the tokenizer needs the three sentinels)
 [objective]  kind ("diffusion" or "ar"), weighting ("elbo" = 1/t, "linear", "cart", "none"), cart_p,
-             focal_gamma (0 = off), focal_alpha, eps
+             focal_gamma (0 = off), focal_alpha, eps, span_rate (diffusion only: the share of training examples
+             that mask one contiguous run of round(t * n) tokens instead of independent tokens, the shape of an
+             infilling problem; 0 = Dream's objective; evaluation always uses independent masks)
 [optim]      lr, min_lr_ratio (cosine floor as a fraction of lr), weight_decay, beta1, beta2, warmup_steps,
              max_steps, batch_size (per process, per micro-step), grad_accum, clip (0 = off)
 [run]        out_dir, seed, log_every, eval_every, eval_batches, eval_solve (planning runs: also solve this many
@@ -86,6 +88,7 @@ class ObjectiveSection:
     focal_gamma: float = 0.0
     focal_alpha: float = 0.25
     eps: float = 1e-3
+    span_rate: float = 0.0
 
 
 @dataclass
@@ -197,6 +200,9 @@ class TrainConfig:
             (self.run.export_format == "dream" or self.objective.kind == "ar",
              "run.export_format 'qwen2' is for AR runs (objective.kind = 'ar'); a diffusion model is Dream's format"),
             (0 <= self.data.fim_rate <= 1, "data.fim_rate must be in [0, 1]"),
+            (0 <= self.objective.span_rate <= 1, "objective.span_rate must be in [0, 1]"),
+            (self.objective.span_rate == 0 or self.objective.kind == "diffusion",
+             "objective.span_rate is for diffusion training (objective.kind = 'diffusion')"),
             (self.data.fim_rate == 0 or (self.objective.kind == "ar" and self.data.stage == "pretrain"),
              "data.fim_rate is for AR pretraining (objective.kind = 'ar', data.stage = 'pretrain')"),
             (self.run.device in ("auto", "cpu", "cuda") or self.run.device.startswith("cuda:"),

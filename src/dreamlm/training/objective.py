@@ -73,6 +73,22 @@ def mask_tokens(x: torch.Tensor, maskable: torch.Tensor, t: torch.Tensor, mask_t
     return torch.where(masked, torch.full_like(x, mask_token_id), x), masked
 
 
+def mask_span(maskable: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One run of max(1, round(t * n)) consecutive maskable positions per row (n: the row's maskable count), its
+    start uniform: masked (B, L). Consecutive in the order of the maskable positions, which are contiguous in packed
+    blocks and SFT responses. The same t as independent masking, so the same share of tokens is masked, in one hole:
+    the shape of an infilling problem."""
+    masked = torch.zeros_like(maskable)
+    for row in range(maskable.shape[0]):
+        where = maskable[row].nonzero(as_tuple=True)[0]
+        if not len(where):
+            continue
+        k = min(len(where), max(1, round(float(t[row]) * len(where))))
+        start = int(torch.randint(len(where) - k + 1, (1,), generator=generator))
+        masked[row, where[start:start + k]] = True
+    return masked
+
+
 @lru_cache(maxsize=16)
 def _decay_matrix(length: int, p: float, device: str) -> torch.Tensor:
     d = (torch.arange(length)[:, None] - torch.arange(length)[None, :]).abs()

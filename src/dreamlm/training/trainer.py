@@ -28,8 +28,8 @@ from dreamlm.tokenizer import DreamTokenizer
 from dreamlm.training.config import TrainConfig
 from dreamlm.training.data import (Batch, ExampleBatches, PackedBlocks, char_tokenizer, read_examples,
                                    resolve_files)
-from dreamlm.training.objective import (DiffusionObjective, LossOutput, ar_loss, diffusion_loss, mask_tokens,
-                                        sample_times)
+from dreamlm.training.objective import (DiffusionObjective, LossOutput, ar_loss, diffusion_loss, mask_span,
+                                        mask_tokens, sample_times)
 from dreamlm.training.parallel import (World, all_reduce_sum, barrier, full_state, init_world, load_full_state,
                                        shard_model, shutdown)
 from dreamlm.training.state import load_training_checkpoint, save_training_checkpoint
@@ -43,13 +43,17 @@ class Noise:
     masked: torch.Tensor
 
 
-def draw_noise(batch: Batch, seed: int, eps: float, mask_token_id: int) -> Noise:
-    """Per-example t ~ U(eps, 1) and Bernoulli(t) masks, each from a generator seeded by the example's index."""
+def draw_noise(batch: Batch, seed: int, eps: float, mask_token_id: int, span_rate: float = 0.0) -> Noise:
+    """Per-example t ~ U(eps, 1) and Bernoulli(t) masks, each from a generator seeded by the example's index; with
+    span_rate > 0 that share of examples (drawn after, so span_rate 0 leaves every draw as it was) masks one
+    contiguous run of the same size instead (objective.mask_span)."""
     ts, masks = [], []
     for row in range(batch.x.shape[0]):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + int(batch.index[row]) * 2 + 1)
         t = sample_times(1, eps, gen)
         _, masked = mask_tokens(batch.x[row:row + 1], batch.maskable[row:row + 1], t, mask_token_id, gen)
+        if span_rate > 0 and float(torch.rand(1, generator=gen)) < span_rate:
+            masked = mask_span(batch.maskable[row:row + 1], t, gen).to(masked.device)
         ts.append(t)
         masks.append(masked)
     return Noise(torch.cat(ts), torch.cat(masks))
@@ -268,10 +272,12 @@ class Trainer:
         return diffusion_loss(self.model, x, batch.maskable.to(self.world.device), self.objective,
                               noise.t, noise.masked.to(self.world.device), denominator)
 
-    def _noise(self, batch: Batch) -> Noise | None:
+    def _noise(self, batch: Batch, train: bool = True) -> Noise | None:
+        """The batch's forward-process draw; evaluation always uses independent masks (the plain objective)."""
         if self.cfg.objective.kind == "ar":
             return None
-        return draw_noise(batch, self.cfg.run.seed, self.cfg.objective.eps, self.model_config.mask_token_id)
+        return draw_noise(batch, self.cfg.run.seed, self.cfg.objective.eps, self.model_config.mask_token_id,
+                          self.cfg.objective.span_rate if train else 0.0)
 
     def _count(self, batch: Batch, noise: Noise | None) -> int:
         return int(batch.ar_targets.sum()) if noise is None else int(noise.masked.sum())
@@ -317,7 +323,7 @@ class Trainer:
         weighted, count = 0.0, 0.0
         for _ in range(self.cfg.run.eval_batches):
             batch = source.next_batch(self.cfg.optim.batch_size)
-            noise = self._noise(batch)
+            noise = self._noise(batch, train=False)
             with self.autocast or nullcontext():  # never skipped, for the same reason as in train_step
                 weighted += float(self._loss(batch, noise, 1.0).weighted_sum)
             count += self._count(batch, noise)

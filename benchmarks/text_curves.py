@@ -72,7 +72,9 @@ def main() -> None:
         report[name] = {"label": LABELS.get(name, name), "objective": run["objective"], "start_tokens": offset,
                         "val_bits": [(offset + t, v / math.log(2)) for t, v in run["val"]]}
     earlier = args.out / "text_curves.json"
-    if args.carry and earlier.is_file():
+    if args.carry and not earlier.is_file():
+        print(f"--carry: no earlier {earlier} to carry runs from")
+    elif args.carry:
         for name, row in json.loads(earlier.read_text()).items():
             if name not in report:
                 report[name] = {**row, "carried": True}

@@ -53,7 +53,7 @@ def draw_noise(batch: Batch, seed: int, eps: float, mask_token_id: int, span_rat
         t = sample_times(1, eps, gen)
         _, masked = mask_tokens(batch.x[row:row + 1], batch.maskable[row:row + 1], t, mask_token_id, gen)
         if span_rate > 0 and float(torch.rand(1, generator=gen)) < span_rate:
-            masked = mask_span(batch.maskable[row:row + 1], t, gen).to(masked.device)
+            masked = mask_span(batch.maskable[row:row + 1], t, gen)
         ts.append(t)
         masks.append(masked)
     return Noise(torch.cat(ts), torch.cat(masks))

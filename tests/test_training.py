@@ -41,7 +41,7 @@ def pretrain_cfg(corpus: Path, out: Path, *extra: str) -> TrainConfig:
         "data.train=" + ",".join(str(corpus / f"doc{i}.txt") for i in range(4)), f"data.valid={corpus / 'valid.txt'}",
         "data.seq_len=32", "optim.max_steps=8", "optim.batch_size=4", "optim.warmup_steps=2", "optim.lr=3e-3",
         "run.log_every=1", "run.eval_every=4", "run.save_every=2", "run.progress=false", f"run.out_dir={out}",
-        "run.export_dtype=float32", *extra])
+        "run.export_dtype=float32", "run.precision=fp32", *extra])
 
 
 def losses(out: Path) -> list[float]:
@@ -133,7 +133,7 @@ def sft_cfg(puzzle_file: Path, out: Path, *extra: str) -> TrainConfig:
         "model.char_alphabet=0123456789+", "model.hidden_size=32", "model.layers=1", "model.heads=2",
         "model.kv_heads=2", "model.context=16", "data.stage=sft", f"data.train={puzzle_file}",
         "data.separator=<|sep|>", "data.seq_len=10", "optim.max_steps=3", "optim.batch_size=8",
-        "optim.warmup_steps=0", "run.progress=false", f"run.out_dir={out}", *extra])
+        "optim.warmup_steps=0", "run.progress=false", f"run.out_dir={out}", "run.precision=fp32", *extra])
 
 
 def test_sft_batches_mask_only_the_response(puzzle_file):

@@ -17,7 +17,7 @@ from torch import nn
 from dreamlm.config import DreamConfig
 from dreamlm.errors import DreamError
 from dreamlm.model import DreamModel
-from dreamlm.tokenizer import DreamTokenizer, has_tokenizer_files
+from dreamlm.tokenizer import MASK, DreamTokenizer, has_tokenizer_files
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -151,8 +151,36 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
                     causal: bool | None = None) -> DreamModel:
-    """Load a model directory; each tensor is read once and placed directly (peak RAM ≈ model + one tensor)."""
+    """Load a model directory; each tensor is read once and placed directly (peak RAM ≈ model + one tensor). An
+    adapter directory loads its base and merges the adapter into it (in float32, then cast to `dtype`)."""
+    from dreamlm.adapter import apply_adapter, is_adapter_dir
+
+    if is_adapter_dir(path):
+        base = adapter_base(path)
+        model = load_from_info(inspect_checkpoint(base), dtype=torch.float32, causal=causal)
+        apply_adapter(model, path)
+        target = resolve_dtype(dtype)
+        if target is not None and target != torch.float32:
+            model.to(target)
+        return model.to(device) if device is not None else model
     return load_from_info(inspect_checkpoint(path), dtype=dtype, device=device, causal=causal)
+
+
+def adapter_base(path: str | Path) -> Path:
+    """The base model directory an adapter names: a path (absolute, or relative to the adapter) or a model name."""
+    from dreamlm.adapter import read_adapter_config
+
+    ref = read_adapter_config(path)["base_model_name_or_path"]
+    for candidate in (Path(path) / ref, Path(ref)):
+        if (candidate / "config.json").is_file():
+            return candidate
+    try:
+        from dreamlm.hub import resolve
+    except ImportError:
+        resolve = None
+    if resolve is not None:
+        return Path(resolve(ref))
+    raise DreamError(f"{path}: the adapter's base model {ref!r} was not found")
 
 
 def load_from_info(info: CheckpointInfo, dtype: torch.dtype | str | None = None,
@@ -299,14 +327,66 @@ def ar_config_to_dream(data: dict) -> dict:
     return out
 
 
-def convert_ar_checkpoint(src: str | Path, dst: str | Path, mask_token: str = "<|mask|>",
-                          max_shard_size: int | str = "5GB") -> DreamModel:
-    """Turn a HF causal Qwen2/Llama directory into a Dream-format one: same weights, bidirectional, a mask token.
+def model_from_tensors(config: DreamConfig, tensors: dict[str, torch.Tensor], source: str,
+                       causal: bool | None = None) -> DreamModel:
+    """A model from named tensors (HF names), checked against the config as a checkpoint is: every name, every shape.
+
+    `source` names where the tensors came from, for the error messages."""
+    with torch.device("meta"):
+        model = DreamModel(config, causal=causal)
+    expected = _expected_tensors(model, config.tie_word_embeddings)
+    info = CheckpointInfo(Path(source), config,
+                          {k: TensorEntry(Path(source), tuple(v.shape), str(v.dtype)) for k, v in tensors.items()},
+                          has_tokenizer=False)
+    _check_names_and_shapes(info, expected)
+    for name in expected:
+        _assign(model, name, tensors[name])
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def add_mask_token(model: DreamModel, tokenizer: DreamTokenizer, mask_token: str = MASK) -> int:
+    """Give an AR model (just loaded under a Dream config) Dream's mask token and special ids; returns the mask id.
 
     The mask token is reused when the tokenizer has it; otherwise it is added as the next id, taking an unused
     embedding row if the matrix is wider than the tokenizer or growing embedding and head by one row (initialised to
     the mean row) if not. Existing rows of the head are never changed, so the causal logits are the source's.
+    Unset pad / bos / eos ids become the tokenizer's end-of-text id. Every AR source (HF directory, GGUF) goes
+    through here, so they all come out alike.
     """
+    config = model.config
+    mask_id = tokenizer.token_to_id(mask_token)
+    if mask_id is None:
+        mask_id = tokenizer.add_special_token(mask_token)
+    with torch.no_grad():
+        embed = model.model.embed_tokens.weight
+        if mask_id >= config.vocab_size:
+            grow = mask_id + 1 - config.vocab_size
+            # the mean in float32: a bf16 sum over ~50k rows would lose most of its bits
+            mean = embed.float().mean(0, keepdim=True).to(embed.dtype)
+            model.model.embed_tokens.weight = nn.Parameter(torch.cat([embed, mean.expand(grow, -1)]))
+            head = model.lm_head.weight
+            if config.tie_word_embeddings:
+                model.lm_head.weight = model.model.embed_tokens.weight
+            else:
+                head_mean = head.float().mean(0, keepdim=True).to(head.dtype)
+                model.lm_head.weight = nn.Parameter(torch.cat([head, head_mean.expand(grow, -1)]))
+            config.vocab_size = mask_id + 1
+        elif not config.tie_word_embeddings:
+            embed[mask_id] = embed.float().mean(0).to(embed.dtype)  # an unused input row: give it a neutral start
+    config.mask_token_id = mask_id
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if getattr(config, name) is None:
+            setattr(config, name, tokenizer.eos_token_id)
+    config.validate()
+    return mask_id
+
+
+def convert_ar_checkpoint(src: str | Path, dst: str | Path, mask_token: str = MASK,
+                          max_shard_size: int | str = "5GB") -> DreamModel:
+    """Turn a HF causal Qwen2/Llama directory into a Dream-format one: same weights, bidirectional, a mask token
+    (placed by `add_mask_token`)."""
     src, dst = Path(src), Path(dst)
     if not (src / "config.json").is_file():
         raise DreamError(f"no config.json in {src}")
@@ -315,31 +395,9 @@ def convert_ar_checkpoint(src: str | Path, dst: str | Path, mask_token: str = "<
     if not has_tokenizer_files(src):
         raise DreamError(f"{src} has no tokenizer files; convert needs them to place the mask token")
     tokenizer = DreamTokenizer.from_pretrained(src)
-    mask_id = tokenizer.token_to_id(mask_token)
-    if mask_id is None:
-        mask_id = tokenizer.add_special_token(mask_token)
-    config.mask_token_id = None  # set after the weights are placed
     # load through the normal path (peak RAM ≈ one model), from a config that says Dream
     model = load_from_info(inspect_checkpoint(src, config), causal=False)
-    with torch.no_grad():
-        embed = model.model.embed_tokens.weight
-        if mask_id >= config.vocab_size:
-            grow = mask_id + 1 - config.vocab_size
-            model.model.embed_tokens.weight = nn.Parameter(
-                torch.cat([embed, embed.mean(0, keepdim=True).expand(grow, -1)]))
-            head = model.lm_head.weight
-            model.lm_head.weight = nn.Parameter(torch.cat([head, head.mean(0, keepdim=True).expand(grow, -1)]))
-            if config.tie_word_embeddings:
-                model.lm_head.weight = model.model.embed_tokens.weight
-            config.vocab_size = mask_id + 1
-        elif not config.tie_word_embeddings:
-            embed[mask_id] = embed.mean(0)  # an unused input row: give it a neutral start
-    config.mask_token_id = mask_id
-    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        if getattr(config, name) is None:
-            setattr(config, name, tokenizer.eos_token_id)
-    config.validate()
-    model.config = config
+    add_mask_token(model, tokenizer, mask_token)
     model.save_pretrained(dst, max_shard_size=max_shard_size, tokenizer=tokenizer)
     model.tokenizer = tokenizer
     return model

@@ -34,7 +34,16 @@ Sections and keys (all optional except data.train):
              device ("auto", "cpu", "cuda"), compile, activation_checkpointing, export_dtype ("bfloat16", "float32",
              "float16"), export_format ("dream"; "qwen2" writes an AR run as a plain Qwen2ForCausalLM
              directory, the input `dreamlm convert` expects), progress (show the progress bar), stop_at (end the process after this step, as if interrupted;
-             0 = never), rank_summaries (each rank writes its losses and a weight checksum: for tests)
+             0 = never), rank_summaries (each rank writes its losses and a weight checksum: for tests),
+             precision ("auto": bf16 autocast where the CPU/GPU multiplies bf16 natively, else fp32; "fp32"; "bf16":
+             master weights, optimizer state, loss and metrics stay fp32 in every case), time_budget_s (> 0: time
+             the first steps and lower optim.max_steps so the run ends within this many seconds of training; the
+             schedule then follows the lowered max_steps, which the checkpoint keeps for an exact resume)
+[adapter]    kind ("none" = train every weight; "lora": freeze the base, train low-rank updates of the target
+             layers), rank, alpha, targets (linear layer names), train_norms (also train the RMSNorm weights),
+             train_rows (input-embedding rows to train, e.g. a mask token the base never saw; "mask" = the
+             model's mask token), base (how the exported adapter names its base: a hub name or a path;
+             "" = model.init_from). The export is then an adapter directory (PEFT's layout), not full weights
 """
 
 from __future__ import annotations
@@ -123,6 +132,20 @@ class RunSection:
     progress: bool = True
     stop_at: int = 0
     rank_summaries: bool = False
+    precision: str = "auto"
+    time_budget_s: float = 0.0
+
+
+@dataclass
+class AdapterSection:
+    kind: str = "none"
+    rank: int = 16
+    alpha: float = 32.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                        "up_proj", "down_proj"])
+    train_norms: bool = True
+    train_rows: list[str] = field(default_factory=lambda: ["mask"])
+    base: str = ""
 
 
 @dataclass
@@ -134,6 +157,7 @@ class TrainConfig:
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
     optim: OptimSection = field(default_factory=OptimSection)
     run: RunSection = field(default_factory=RunSection)
+    adapter: AdapterSection = field(default_factory=AdapterSection)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
@@ -210,6 +234,14 @@ class TrainConfig:
             (self.model.hidden_size % max(self.model.heads, 1) == 0, "model.hidden_size must divide by model.heads"),
             (0 < self.model.init_std <= 1, "model.init_std must be in (0, 1]"),
             (self.run.eval_solve >= 0, "run.eval_solve must be >= 0"),
+            (self.run.precision in ("auto", "fp32", "bf16"), "run.precision must be auto, fp32 or bf16"),
+            (self.run.time_budget_s >= 0, "run.time_budget_s must be >= 0"),
+            (self.adapter.kind in ("none", "lora"), "adapter.kind must be 'none' or 'lora'"),
+            (self.adapter.kind == "none" or bool(self.model.init_from),
+             "adapter.kind = 'lora' adapts a pretrained model: set model.init_from"),
+            (self.adapter.rank >= 1 and self.adapter.alpha > 0, "adapter.rank must be >= 1 and adapter.alpha > 0"),
+            (all(r == "mask" or r.isdigit() for r in self.adapter.train_rows),
+             "adapter.train_rows holds token ids or \"mask\""),
             (not self.run.eval_solve or bool(self.data.task and self.data.valid),
              "run.eval_solve needs data.task and data.valid"),
         ]

@@ -51,8 +51,10 @@ def init_world(device: str) -> World:
     return World(rank, size, dev)
 
 
-def shard_model(model: nn.Module, world: World, compile_blocks: bool) -> nn.Module:
-    """Compile blocks (optional) and apply FSDP2 per block and at the root when distributed."""
+def shard_model(model: nn.Module, world: World, compile_blocks: bool,
+                param_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Compile blocks (optional) and apply FSDP2 per block and at the root when distributed (computing in
+    `param_dtype`, reducing gradients in fp32)."""
     layers = model.model.layers
     if compile_blocks:
         for block in layers:
@@ -63,8 +65,8 @@ def shard_model(model: nn.Module, world: World, compile_blocks: bool) -> nn.Modu
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(world.device.type, (world.size,))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if world.device.type == "cuda" else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) \
+        if param_dtype != torch.float32 else MixedPrecisionPolicy()
     for block in layers:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)

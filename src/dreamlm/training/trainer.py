@@ -23,6 +23,7 @@ import torch
 
 from dreamlm.config import DreamConfig
 from dreamlm.errors import DreamError
+from dreamlm.hub import resolve
 from dreamlm.adapter import LoraSpec, add_lora, merge_lora, save_adapter
 from dreamlm.model import DreamModel
 from dreamlm.precision import training_precision
@@ -83,7 +84,7 @@ def build_tokenizer(cfg: TrainConfig) -> DreamTokenizer:
     m = cfg.model
     if m.char_alphabet:
         return char_tokenizer(m.char_alphabet, m.char_words)
-    source = m.tokenizer or m.init_from
+    source = m.tokenizer or (resolve(m.init_from) if m.init_from else "")  # init_from may be a model name
     if not source:
         raise DreamError("train config: set model.tokenizer (a directory), model.char_alphabet or model.init_from")
     return DreamTokenizer.from_pretrained(source)
@@ -93,7 +94,7 @@ def build_model(cfg: TrainConfig, tokenizer: DreamTokenizer) -> DreamModel:
     """A fresh model (seeded init) or the init_from checkpoint, causal for the AR objective."""
     causal = cfg.objective.kind == "ar"
     if cfg.model.init_from:
-        model = DreamModel.from_pretrained(cfg.model.init_from, dtype=torch.float32, causal=causal)
+        model = DreamModel.from_pretrained(resolve(cfg.model.init_from), dtype=torch.float32, causal=causal)
         model.config.causal = causal
         if model.tokenizer is not None:
             adapt_vocabulary(model, model.tokenizer, tokenizer, cfg)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dreamlm import precision
-from dreamlm.adapter import LoraSpec, add_lora, apply_adapter, lora_layers, merge_lora, save_adapter
+from dreamlm.adapter import LoraSpec, add_lora, extract_adapter, lora_layers, merge_lora, save_adapter
 from dreamlm.errors import DreamError
 from dreamlm.model import DreamModel
 from dreamlm.training.config import TrainConfig
@@ -198,3 +198,46 @@ def test_time_budget_lowers_max_steps_and_resume_keeps_it(tmp_path, corpus):
     assert 13 <= trainer.step == trainer.cfg.optim.max_steps < 100000
     state = torch.load(next((tmp_path / "t" / "checkpoints").glob("step-*/trainer_state.pt")), weights_only=True)
     assert state["max_steps"] == trainer.step
+
+
+def test_extract_adapter_recovers_a_low_rank_fine_tune_exactly(tiny_dir, tmp_path):
+    base = DreamModel.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    tuned = DreamModel.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # a fine-tune whose every update has rank 2: rank 2 must recover it (up to fp32 rounding)
+        for name, p in tuned.named_parameters():
+            if name.endswith("proj.weight"):
+                p += torch.randn(p.shape[0], 2, generator=gen) @ torch.randn(2, p.shape[1], generator=gen) * 0.02
+        tuned.model.norm.weight.mul_(1.1)
+    spec = LoraSpec(rank=2, alpha=4.0)
+    extracted = extract_adapter(base, tuned, spec)
+    out = save_adapter(extracted, spec, tmp_path / "delta", base=str(tiny_dir), dtype=torch.float32)
+    x = _ids(tuned)
+    with torch.no_grad():
+        torch.testing.assert_close(DreamModel.from_pretrained(out, dtype=torch.float32).eval()(x), tuned(x),
+                                   rtol=1e-4, atol=1e-4)
+        rank1 = extract_adapter(DreamModel.from_pretrained(tiny_dir, dtype=torch.float32).eval(), tuned,
+                                LoraSpec(rank=1, alpha=1.0))
+        assert (rank1(x) - tuned(x)).abs().max() > 1e-3  # rank 1 cannot: the test can fail
+
+
+def test_training_can_start_from_an_adapter(tiny_dir, tmp_path):
+    from dreamlm.adapter import load_adapter_weights
+
+    model = DreamModel.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    spec = LoraSpec(rank=4, alpha=8.0, train_rows=[model.config.mask_token_id])
+    add_lora(model, spec)
+    _randomise_b(model)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1.5)
+    out = save_adapter(model, spec, tmp_path / "adapter", base=str(tiny_dir), dtype=torch.float32)
+    again = DreamModel.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    add_lora(again, LoraSpec(rank=4, alpha=16.0, train_rows=[model.config.mask_token_id]), seed=5)  # another scale
+    load_adapter_weights(again, out)
+    x = _ids(model)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(DreamError, match="rank 4 differs"):
+        other = DreamModel.from_pretrained(tiny_dir, dtype=torch.float32)
+        add_lora(other, LoraSpec(rank=2, alpha=2.0))
+        load_adapter_weights(other, out)

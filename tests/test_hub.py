@@ -91,7 +91,7 @@ def test_unpulled_names_say_how_to_pull(home):
     one_error_line(run("info", "smollm2-ar"), "dreamlm pull smollm2")
     one_error_line(run("infill", "x = <|mask|>", "-m", "nope"), "unknown model 'nope'", "stdlib-code")
     one_error_line(run("serve", "smollm2"), "dreamlm pull smollm2")
-    one_error_line(run("solve", "sudoku", "1" * 16, "-m", "smollm2"), "dreamlm pull smollm2")
+    one_error_line(run("solve", "sudoku", "1" + "0" * 15, "-m", "smollm2"), "dreamlm pull smollm2")
     one_error_line(run("eval", "-m", "smollm2"), "dreamlm pull smollm2")
     one_error_line(run("bench", "serve", "-m", "smollm2"), "dreamlm pull smollm2")
     one_error_line(run("bench", "infill", "-m", "ar=smollm2-ar"), "dreamlm pull smollm2")

@@ -468,3 +468,24 @@ def test_resume_with_another_model_shape_is_one_clear_error(tmp_path, corpus):
     with pytest.raises(DreamError, match="does not fit this config's model") as info:
         train(pretrain_cfg(corpus, tmp_path / "s", "model.hidden_size=48"), resume=True)
     assert "\n" not in str(info.value)
+
+
+def test_sft_mix_fills_a_share_of_every_batch_and_resumes_exactly(tmp_path, corpus, tokenizer):
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"prompt": f"say {i}", "response": f"{i} {i}"}) + "\n" for i in range(5)))
+    cfg = pretrain_cfg(corpus, tmp_path / "mix", f"data.sft_mix={chat}", "data.sft_share=0.25")
+    trainer = Trainer(cfg)
+    batch = trainer.train_source.next_batch(4)
+    assert batch.x.shape == (4, 32)
+    # three packed rows (everything but position 0 maskable) and one SFT row: prompt clean, response + padding not
+    assert bool(batch.maskable[:3, 1:].all())
+    row = batch.maskable[3]
+    prompt_len = len(tokenizer.encode(f"say {0}"))
+    assert not bool(row[:prompt_len].any()) and bool(row[prompt_len:].all())
+    assert int(batch.index[3]) >= 10 ** 12  # its noise seeds never coincide with a packed row's
+    straight = train(pretrain_cfg(corpus, tmp_path / "a", f"data.sft_mix={chat}"))
+    assert train(pretrain_cfg(corpus, tmp_path / "b", f"data.sft_mix={chat}", "run.stop_at=5")) is None
+    train(pretrain_cfg(corpus, tmp_path / "b", f"data.sft_mix={chat}"), resume=True)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b") and straight is not None
+    with pytest.raises(DreamError, match="sft_share"):
+        pretrain_cfg(corpus, tmp_path / "c", f"data.sft_mix={chat}", "data.sft_share=1")

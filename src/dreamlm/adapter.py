@@ -235,3 +235,54 @@ def apply_adapter(model: nn.Module, path: str | Path) -> nn.Module:
             elif not (key.endswith(".lora_B.weight") or key.startswith("dreamlm.row_ids.")):
                 raise DreamError(f"{file}: unknown tensor {key}")
     return model
+
+
+@torch.no_grad()
+def extract_adapter(base: nn.Module, tuned: nn.Module, spec: LoraSpec) -> nn.Module:
+    """A low-rank delta of a fully fine-tuned model: `base` (modified in place and returned) gets LoraLinear layers
+    whose pairs are the best rank-r approximation (truncated SVD) of tuned − base for each target layer, and the
+    tuned norms and embedding rows of `spec`. Save it with save_adapter; other changes (e.g. the rest of the
+    embedding) are dropped, so measure what the compression costs."""
+    tuned_params = dict(tuned.named_parameters())
+    add_lora(base, spec)
+    for name, layer in lora_layers(base).items():
+        delta = tuned_params[f"{name}.weight"].float() - layer.base.weight.float()
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        root = s[:spec.rank].sqrt()
+        layer.lora_B.copy_((u[:, :spec.rank] * root) / spec.scale ** 0.5)
+        layer.lora_A.copy_((root[:, None] * vh[:spec.rank]) / spec.scale ** 0.5)
+    for name, p in base.named_parameters():
+        if spec.train_norms and name.endswith("norm.weight"):
+            p.copy_(tuned_params[name])
+    if spec.train_rows:
+        ids = torch.tensor(spec.train_rows)
+        base.model.embed_tokens.weight[ids] = tuned.model.embed_tokens.weight[ids].to(base.model.embed_tokens.weight.dtype)
+    return base
+
+
+@torch.no_grad()
+def load_adapter_weights(model: nn.Module, path: str | Path) -> None:
+    """Set the LoraLinear pairs (and extras) of a model wrapped by add_lora from an adapter directory of the same
+    rank and targets: to continue training a shipped adapter."""
+    config = read_adapter_config(path)
+    layers = lora_layers(model)
+    if not layers:
+        raise DreamError("load_adapter_weights needs a model wrapped by add_lora")
+    rank = next(iter(layers.values())).lora_A.shape[0]
+    if config["r"] != rank:
+        raise DreamError(f"{path}: rank {config['r']} differs from this run's adapter.rank {rank}")
+    state = load_file(str(Path(path) / ADAPTER_WEIGHTS))
+    params = dict(model.named_parameters())
+    for name, layer in layers.items():
+        a, b = state.get(f"{PEFT_PREFIX}{name}.lora_A.weight"), state.get(f"{PEFT_PREFIX}{name}.lora_B.weight")
+        if a is None or b is None or a.shape != layer.lora_A.shape or b.shape != layer.lora_B.shape:
+            raise DreamError(f"{path}: no matching lora_A/lora_B for {name}")
+        # the file's scale may differ from this run's: keep the product B·A·scale the same
+        layer.lora_A.copy_(a.float())
+        layer.lora_B.copy_(b.float() * (config["lora_alpha"] / config["r"]) / layer.scale)
+    for key, tensor in state.items():
+        if key.startswith("dreamlm.full."):
+            params[key[len("dreamlm.full."):]].copy_(tensor.float())
+        elif key.startswith("dreamlm.rows."):
+            name = key[len("dreamlm.rows."):]
+            params[name][state[f"dreamlm.row_ids.{name}"].long()] = tensor.to(params[name].dtype)

@@ -13,9 +13,12 @@ from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dreamlm.errors import DreamError
+from dreamlm.hub import require_model_dir
+from dreamlm.files import output_dir, output_file, read_text
 from dreamlm.hub import DEFAULT_MODEL
 from dreamlm.sampling.infill import unwritable_ids
 
@@ -46,7 +49,7 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except DreamError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)  # "[run]" is text
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         err.print("interrupted")
@@ -57,10 +60,9 @@ def load(model_dir: Optional[Path], dtype: Optional[str], device: Optional[str])
     """Model and tokenizer from a directory (default: the bundled model)."""
     from dreamlm.model import DreamModel
 
-    check_dtype(dtype)
-    check_device(device)
+    precision = choose_precision(dtype, device)
     path = model_path(model_dir)
-    model = DreamModel.from_pretrained(path, dtype=dtype or "float32", device=device)
+    model = DreamModel.from_pretrained(path, dtype=precision.dtype, device=device)
     if model.tokenizer is None:
         raise DreamError(f"{path} has no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
     return model, model.tokenizer
@@ -88,14 +90,7 @@ def progress(what: str, total: Optional[int] = None) -> Iterator:
 
 def read_puzzle_file(file: Path) -> list[str]:
     """The "input" of each line of a JSONL file (UTF-8, a BOM allowed); DreamError naming the first bad line."""
-    if not file.exists():
-        raise DreamError(f"{file} does not exist")
-    if not file.is_file():
-        raise DreamError(f"{file} is not a file")
-    try:
-        text = file.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise DreamError(f"{file} is not UTF-8 text (save it as UTF-8 JSONL)") from None
+    text = read_text(file, "puzzle file")
     puzzles = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -110,32 +105,36 @@ def read_puzzle_file(file: Path) -> list[str]:
     return puzzles
 
 
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 
 
 def check_dtype(dtype: Optional[str]) -> None:
     """Refuse an unknown dtype name before anything loads."""
     if dtype is not None and dtype not in DTYPE_NAMES:
-        raise DreamError(f"unknown dtype {dtype!r}; choose float32, bfloat16 or float16")
+        raise DreamError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16")
+
+
+def choose_precision(dtype: Optional[str], device: Optional[str]):
+    """--dtype and --device checked, and --dtype resolved (auto: bf16 where the device multiplies bf16 natively)."""
+    from dreamlm.precision import inference_precision
+
+    check_dtype(dtype)
+    check_device(device)
+    return inference_precision(dtype, device or "cpu")
+
+
+def announce(precision) -> None:
+    """The one stderr line saying which precision a verb runs in (printed once its input is accepted, so that a
+    refused input still gets a single error line)."""
+    err.print(precision.describe(), highlight=False, soft_wrap=True)
 
 
 def check_device(device: Optional[str]) -> None:
     """Refuse a device torch does not know, or one this machine does not have, in one line."""
-    if device is None:
-        return
-    import torch
+    from dreamlm.checkpoint import resolve_device
 
-    try:
-        where = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise DreamError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    if where.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DreamError(f"device {device}: CUDA is not available on this machine (use --device cpu)")
-        if where.index is not None and where.index >= torch.cuda.device_count():
-            raise DreamError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif where.type != "cpu":
-        raise DreamError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+    if device is not None:
+        resolve_device(device)
 
 
 def check_delay(delay: float) -> None:
@@ -150,34 +149,14 @@ def check_at_least(name: str, value: Optional[int], low: int = 1) -> None:
         raise DreamError(f"{name} must be >= {low}, got {value}")
 
 
-def output_file(path: Path) -> Path:
-    """Check a file to be written before any work starts: not a folder, no file where a folder must be, a writable
-    folder. Missing folders are created only when the file is written."""
-    if path.is_dir():
-        raise DreamError(f"{path} is a folder; give a file name to write")
-    return _writable_parent(path)
+MAX_STEPS = 2048  # the denoising-step cap of every verb, the same as dreamlm serve's default --max-steps
 
 
-def output_dir(path: Path, empty: bool = False) -> Path:
-    """Check a folder to be written into before any work starts (and, with `empty`, that it holds nothing)."""
-    if path.exists() and not path.is_dir():
-        raise DreamError(f"{path} is a file, not a folder")
-    if empty and path.is_dir() and any(path.iterdir()):
-        raise DreamError(f"{path} is not empty; give a new or empty folder (nothing is overwritten)")
-    return _writable_parent(path)
-
-
-def _writable_parent(path: Path) -> Path:
-    import os
-
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise DreamError(f"cannot write {path}: {parent} is a file, not a folder")
-            if not os.access(parent, os.W_OK):
-                raise DreamError(f"cannot write {path}: {parent} is not writable")
-            break
-    return path
+def check_steps(steps: Optional[int]) -> None:
+    """--steps is None (the default) or 1..MAX_STEPS (more steps than masked slots only add empty passes)."""
+    check_at_least("--steps", steps)
+    if steps is not None and steps > MAX_STEPS:
+        raise DreamError(f"--steps must be at most {MAX_STEPS} (dreamlm serve's cap too), got {steps}")
 
 
 def check_number(name: str, value: Optional[float]) -> None:
@@ -198,7 +177,8 @@ AlgTempOpt = typer.Option(None, "--alg-temp", help="Randomness of the slot choic
 SeedOpt = typer.Option(0, help="Seed for the sampler's random draws.")
 ShowOpt = typer.Option(False, "--show", help="Live view of the canvas denoising.")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object instead of text.")
-DtypeOpt = typer.Option(None, help="float32, bfloat16 or float16 (default float32).")
+DtypeOpt = typer.Option("auto", help="auto (bf16 where the CPU/GPU multiplies bf16 natively, else float32), "
+                                      "float32, bfloat16 or float16; the sampler's arithmetic is float32 in any case.")
 DeviceOpt = typer.Option(None, help="cpu, cuda, cuda:1 … (default cpu).")
 DelayOpt = typer.Option(0.04, help="Seconds to hold each frame of --show.")
 
@@ -206,6 +186,8 @@ DelayOpt = typer.Option(0.04, help="Seconds to hold each frame of --show.")
 def sampler_kwargs(steps: int, eps: float, temperature: float, top_p: Optional[float], top_k: Optional[int],
                    alg: str, alg_temp: Optional[float], seed: int) -> dict:
     """The shared sampler settings, checked."""
+    if steps >= 1:  # below 1 the sampler's own message says it
+        check_steps(steps)
     for name, value in (("eps", eps), ("temperature", temperature), ("top_p", top_p), ("alg_temp", alg_temp)):
         check_number(name, value)
     return dict(steps=steps, eps=eps, temperature=temperature, top_p=top_p, top_k=top_k, alg=alg,
@@ -267,6 +249,7 @@ def generate(
                     advance(net, [state])
                     step_done()
             x = state.x
+        announce(choose_precision(dtype, device))
         new_ids = cut_at_eos(x[0].tolist()[len(ids):], net.config.eos_token_id)
         answer = tok.decode(new_ids, skip_special_tokens=False)
         if as_json:
@@ -291,11 +274,12 @@ def infill(
         if not template.strip():
             raise DreamError("the template is empty")
         template = template.replace("\\n", "\n")  # a typed backslash-n is a newline, as for solve
-        check_at_least("--steps", steps)
+        check_steps(steps)
         net, tok = load(model, dtype, device)
         kwargs = sampler_kwargs(steps or 1, eps, temperature, top_p, top_k, alg, alg_temp, seed)
         kwargs["steps"] = steps  # None: one step per masked token
         result = run_infill(net, tok, template, banned_token_ids=unwritable_ids(net, tok), **kwargs)
+        announce(choose_precision(dtype, device))
         if as_json:
             print(json.dumps({"template": template, "text": result.text, "fills": result.fills}))
         else:
@@ -424,9 +408,10 @@ def convert(
                                                 "(a directory keeps its stored dtype)."),
 ) -> None:
     """Convert an autoregressive checkpoint into a Dream-format diffusion checkpoint (AR initialisation)."""
-    from dreamlm.checkpoint import convert_ar_checkpoint, inspect_checkpoint
+    from dreamlm.checkpoint import convert_ar_checkpoint, inspect_checkpoint, parse_size
 
     with user_errors():
+        parse_size(max_shard_size)  # a bad size fails now, not after the weights are read
         if source.exists() and target.exists() and source.resolve() == target.resolve():
             raise DreamError("source and target are the same folder; write the converted model to a new one")
         if dtype not in ("bfloat16", "float32"):
@@ -478,6 +463,7 @@ def solve(
     show: bool = ShowOpt,
     delay: float = typer.Option(0.12, help="Seconds to hold each frame of --show."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of {input, output, valid, ...}."),
+    dtype: Optional[str] = DtypeOpt,
 ) -> None:
     """Solve a planning puzzle; prints the answer and whether it obeys the rules."""
     from dreamlm.solver import Solver, bundled_solver_dir, invalid_hint, normalise_puzzle, resolve_task, task_family
@@ -486,8 +472,9 @@ def solve(
     with user_errors():
         if (puzzle is None) == (file is None):
             raise DreamError("give one puzzle or --file IN.jsonl")
-        check_at_least("--steps", steps)
+        check_steps(steps)
         check_delay(delay)
+        precision = choose_precision(dtype, None)
         if out_file is not None:
             output_file(out_file)
         if file is not None:
@@ -496,17 +483,22 @@ def solve(
             puzzles = [normalise_puzzle(puzzle)]
         if not puzzles:
             raise DreamError("no puzzles to solve")
+        from dreamlm.tasks import get_task
+
+        for text in puzzles:  # a malformed puzzle is refused before any model is looked for or loaded
+            get_task(resolve_task(kind, text)).check_input(text)
         solvers: dict[str, Solver] = {}
         loaded: dict[Path, Solver] = {}  # one model serves every shape it is picked for
         results: list = [None] * len(puzzles)
         batches: dict[str, list[int]] = {}  # without the live view: solved in batches, per task, after the loop
+        announced = False  # the precision line comes once the puzzles are accepted
         for index, text in enumerate(puzzles):
             name = resolve_task(kind, text)
             if name not in solvers:
                 objective = "ar" if ar else "diffusion"
                 path = model_path(model) if model is not None else bundled_solver_dir(name, objective)
                 if path not in loaded:
-                    loaded[path] = Solver(path)
+                    loaded[path] = Solver(path, dtype=precision.dtype)
                 trained = loaded[path].meta["task"]
                 if task_family(trained) != task_family(name):
                     raise DreamError(f"{path} was trained on {trained} puzzles; it cannot solve {name} "
@@ -520,6 +512,10 @@ def solve(
                 solver.prompt_ids(text)  # a malformed puzzle fails here, before any solving
                 batches.setdefault(name, []).append(index)
                 continue
+            solver.prompt_ids(text)
+            if not announced:
+                announce(precision)
+                announced = True
             view = CanvasView(solver.tok, solver.model.config.mask_token_id, len(solver.prompt_ids(text)),
                               steps or solver.budget(text), delay=delay, title=f"{name} · diffusion{solver.view_note}",
                               console=err if as_json else None)
@@ -527,6 +523,8 @@ def solve(
                 [results[index]] = solver.solve([text], steps=steps, hook=view)
             finally:
                 view.close()
+        if not announced:
+            announce(precision)
         solve_in_order(solvers, batches, puzzles, results, steps, out_file)
         if out_file is not None:
             err.print(f"{sum(r.valid for r in results)}/{len(results)} valid; wrote {out_file}")
@@ -580,7 +578,8 @@ def solve_in_order(solvers: dict, batches: dict[str, list[int]], puzzles: list[s
 
 @app.command()
 def demo(n: int = typer.Option(100, help="Held-out puzzles per task for the accuracy table."),
-         delay: float = typer.Option(0.12, help="Seconds to hold each frame of the live view.")) -> None:
+         delay: float = typer.Option(0.12, help="Seconds to hold each frame of the live view."),
+         dtype: Optional[str] = DtypeOpt) -> None:
     """Watch the bundled diffusion solvers fill in puzzles out of order, then diffusion vs AR accuracy (offline)."""
     from dreamlm.bench import TEST_SEED, available_tasks, score
     from dreamlm.solver import Solver, bundled_model_dir
@@ -590,11 +589,13 @@ def demo(n: int = typer.Option(100, help="Held-out puzzles per task for the accu
     with user_errors():
         check_at_least("--n", n)
         check_delay(delay)
+        precision = choose_precision(dtype, None)
         tasks = available_tasks()
         if not tasks:
             raise DreamError("no bundled planning models are installed")
+        announce(precision)
         for i, name in enumerate(tasks):  # three puzzles of the first task, then one of each other, solved live
-            solver = Solver(bundled_model_dir(f"{name}-diffusion"))
+            solver = Solver(bundled_model_dir(f"{name}-diffusion"), dtype=precision.dtype)
             for example in make_examples(name, 3 if i == 0 else 1, TEST_SEED + 100, "test"):
                 start = len(solver.prompt_ids(example["input"]))
                 view = CanvasView(solver.tok, solver.model.config.mask_token_id, start, solver.seq_len - start,
@@ -612,11 +613,14 @@ def demo(n: int = typer.Option(100, help="Held-out puzzles per task for the accu
             table.add_column(col)
         for name in tasks:
             puzzles = [e["input"] for e in make_examples(name, n, TEST_SEED, "test")]
-            d = score(Solver(bundled_model_dir(f"{name}-diffusion")), puzzles)
-            a = score(Solver(bundled_model_dir(f"{name}-ar")), puzzles)
+            d = score(Solver(bundled_model_dir(f"{name}-diffusion"), dtype=precision.dtype), puzzles)
+            a = score(Solver(bundled_model_dir(f"{name}-ar"), dtype=precision.dtype), puzzles)
             table.add_row(name, f"{100 * d.accuracy:.0f} %", f"{100 * a.accuracy:.0f} %",
                           f"{d.forward_passes:.0f}", f"{a.forward_passes:.0f}")
         out.print(table)
+
+
+SERVE_MAX_TOKENS = 1024  # dreamlm serve's default --max-tokens
 
 
 @app.command()
@@ -627,7 +631,7 @@ def serve(
     port: int = typer.Option(8000, help="TCP port."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="DREAMLM_API_KEY",
                                           help="Require 'Authorization: Bearer KEY' on /v1 (or set DREAMLM_API_KEY)."),
-    max_tokens: int = typer.Option(1024, help="Cap on max_tokens per request."),
+    max_tokens: int = typer.Option(SERVE_MAX_TOKENS, help="Cap on max_tokens per request."),
     max_n: int = typer.Option(16, help="Cap on n (answers per prompt)."),
     max_steps: int = typer.Option(2048, help="Cap on denoising steps per request."),
     timeout: float = typer.Option(300.0, help="Seconds a request may take (queue + decoding) before a 504."),
@@ -649,26 +653,39 @@ def serve(
         if not 0 <= port <= 65535:
             raise DreamError(f"port must be in 0..65535, got {port}")
         check_number("timeout", timeout)
-        check_dtype(dtype)
-        check_device(device)
+        precision = choose_precision(dtype, device)
+        if api_key is None and os.environ.get("DREAMLM_API_KEY") is not None:  # click drops an empty variable
+            raise DreamError("DREAMLM_API_KEY is set but empty; set it to a key, or unset it to serve without one")
         limits = Limits(max_tokens=max_tokens, max_n=max_n, max_steps=max_steps, timeout=timeout,
                         max_body_bytes=max_body, max_queue=max_queue, max_batch_tokens=max_batch_tokens,
                         batching=batching, api_key=api_key)
         paths = [model_path(m) for m in models] if models else bundled_models()
         for path in paths:
-            if not (Path(path) / "config.json").is_file():
-                raise DreamError(f"{path} is not a model directory (no config.json)")
-        served = load_models(paths, limits, dtype=dtype or "float32", device=device)
-        app_ = create_app(served, limits)
-        import uvicorn
+            require_model_dir(path)
+        from dreamlm.serve.local import listen
 
-        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        err.print(f"serving {', '.join(served)} on http://{host}:{port}/v1 (batching {'on' if batching else 'off'}"
-                  f"{', API key required' if api_key else ''})", highlight=False, soft_wrap=True)
-        config = uvicorn.Config(app_, host=host, port=port, log_level=log_level, access_log=False,
-                                timeout_graceful_shutdown=int(limits.grace))
-        server = uvicorn.Server(config)
-        server.run()
+        sock, exposed = listen(host, port)  # a busy port or a bad host fails here, before the models load
+        port = sock.getsockname()[1]
+        if exposed and api_key is None:
+            err.print(f"warning: {host}:{port} is reachable beyond this machine and no API key is set: anyone who "
+                      "can reach it can use the models (set --api-key or DREAMLM_API_KEY)", highlight=False,
+                      soft_wrap=True)
+        try:
+            served = load_models(paths, limits, dtype=str(precision.dtype).removeprefix("torch."), device=device)
+            app_ = create_app(served, limits)
+            announce(precision)
+            import uvicorn
+
+            logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            err.print(f"serving {', '.join(served)} on http://{host}:{port}/v1 (batching "
+                      f"{'on' if batching else 'off'}{', API key required' if api_key else ''})", highlight=False,
+                      soft_wrap=True)
+            config = uvicorn.Config(app_, host=host, port=port, log_level=log_level, access_log=False,
+                                    timeout_graceful_shutdown=int(limits.grace))
+            server = uvicorn.Server(config)
+            server.run(sockets=[sock])
+        finally:
+            sock.close()
         if not server.started:
             raise DreamError(f"could not start the server on {host}:{port} (is the port in use?)")
 
@@ -682,16 +699,19 @@ def bench_planning(n: int = typer.Option(200, help="Held-out puzzles per task an
                    out_dir: Path = typer.Option(Path("dreamlm-bench"), "--out", help="Folder for the tables, JSON and plot "
                                                                  "(the repo's own: benchmarks/results)."),
                    star_grid: bool = typer.Option(True, help="Also star graphs G(d, l) of many shapes, each "
-                                                            "with the bundled pair `solve path` picks for it.")
+                                                            "with the bundled pair `solve path` picks for it."),
+                   dtype: Optional[str] = DtypeOpt,
                    ) -> None:
     """Diffusion vs AR on held-out splits: accuracy, forward passes, time; accuracy vs diffusion steps."""
     from dreamlm.bench import planning, planning_table
 
     with user_errors():
         check_at_least("--n", n)
+        precision = choose_precision(dtype, None)
         output_dir(out_dir)
+        announce(precision)
         with progress("bench planning") as advance:
-            report = planning(n=n, out_dir=out_dir, grid=star_grid, advance=advance)
+            report = planning(n=n, out_dir=out_dir, grid=star_grid, advance=advance, dtype=precision.dtype)
         print(planning_table(report))
         err.print(f"machine: {report['machine']}; wrote {out_dir}/planning.(md|json|png)")
 
@@ -699,29 +719,44 @@ def bench_planning(n: int = typer.Option(200, help="Held-out puzzles per task an
 @bench_app.command("speed")
 def bench_speed(task: str = typer.Option("sudoku4", help="Planning task whose bundled models are compared."),
                 n: int = typer.Option(100, help="Held-out puzzles (solved one at a time)."),
-                hidden: int = typer.Option(256, help="Throughput run: hidden size of the random model."),
-                layers: int = typer.Option(4, help="Throughput run: layers."),
-                new_tokens: int = typer.Option(256, help="Throughput run: tokens to generate."),
-                per_forward: int = typer.Option(4, help="Throughput run: tokens committed per forward pass."),
-                dtype: str = typer.Option("float32", help="Throughput run dtype (bfloat16 on GPUs)."),
+                hidden: int = typer.Option(256, help="Small random shape: hidden size (training and decoding runs)."),
+                layers: int = typer.Option(4, help="Small random shape: layers."),
+                batch: int = typer.Option(4, help="Decoding runs: rows decoded together."),
+                new_tokens: int = typer.Option(448, help="Decoding runs: tokens to generate after a 64-token prompt "
+                                                         "(a multiple of 32; 448 makes the 512-token canvas)."),
+                per_forward: int = typer.Option(4, help="Decoding runs: tokens the fast path commits per pass."),
+                large: bool = typer.Option(True, "--large/--no-large",
+                                           help="Also the SmolLM2-135M shape (random weights; the longest part)."),
+                train_steps: int = typer.Option(2, help="Timed training steps per precision (after one warm-up)."),
+                curve_steps: int = typer.Option(100, help="Steps of the fp32 vs bf16 loss curves (0: none)."),
+                dtype: Optional[str] = DtypeOpt,
                 compile_: bool = typer.Option(False, "--compile",
                                               help="Also time the torch.compile static-shape path (compiles first)."),
                 out_dir: Path = typer.Option(Path("dreamlm-bench"), "--out", help="Folder for the tables, JSON and plot "
                                                                  "(the repo's own: benchmarks/results).")
                 ) -> None:
-    """Vanilla Dream sampling vs fast modes vs AR with a KV cache: accuracy, passes, tokens/s, latency."""
+    """Decoding modes on a task (accuracy, passes, latency); training tokens/s fp32 vs bf16 with their loss curves;
+    the diffusion fast path vs transformers' AR generate, at --dtype, on a small shape and SmolLM2-135M's."""
     from dreamlm.bench import speed, speed_table
 
     with user_errors():
-        for name, value in (("--n", n), ("--hidden", hidden), ("--layers", layers), ("--new-tokens", new_tokens),
-                            ("--per-forward", per_forward)):
+        for name, value in (("--n", n), ("--hidden", hidden), ("--layers", layers), ("--batch", batch),
+                            ("--new-tokens", new_tokens), ("--per-forward", per_forward),
+                            ("--train-steps", train_steps)):
             check_at_least(name, value)
-        check_dtype(dtype)
+        check_at_least("--curve-steps", curve_steps, 0)
+        if new_tokens % 32 or (new_tokens // per_forward) % (new_tokens // 32):
+            raise DreamError(f"--new-tokens must be a multiple of 32 (the block length) that --per-forward "
+                             f"({per_forward}) divides into whole passes per block, got {new_tokens}")
+        import torch
+
+        precision = choose_precision(dtype, "cuda" if torch.cuda.is_available() else None)  # where the runs go
         output_dir(out_dir)
+        announce(precision)
         with progress("bench speed") as advance:
-            report = speed(task, n, out_dir, dict(hidden=hidden, layers=layers, new_tokens=new_tokens,
-                                                  per_forward=per_forward, dtype=dtype), compile=compile_,
-                           advance=advance)
+            report = speed(task, n, out_dir, dict(hidden=hidden, layers=layers, batch=batch, new_tokens=new_tokens,
+                                                  per_forward=per_forward), compile=compile_, dtype=precision.dtype,
+                           large=large, train_steps=train_steps, curve_steps=curve_steps, advance=advance)
         print(speed_table(report))
         err.print(f"machine: {report['machine']}; wrote {out_dir}/speed.(md|json|png)")
 
@@ -737,6 +772,10 @@ def bench_infill(model: Optional[list[str]] = typer.Option(
                  seed: int = typer.Option(0, help="Which cases are drawn (0: the published table; another seed "
                                                   "gives a fresh set, e.g. to choose settings on)."),
                  alg: str = AlgOpt,
+                 context: int = typer.Option(512, help="Largest window (tokens) a case and a held-out block take; "
+                                                       "the smallest model context caps it further."),
+                 dtype: str = typer.Option("auto", help="Weights of every model: auto (bf16 where the CPU/GPU "
+                                                        "multiplies bf16 natively), float32, bfloat16."),
                  out_dir: Path = typer.Option(Path("dreamlm-bench"), "--out", help="Folder for the table, JSON and plot "
                                                                   "(the repo's own: benchmarks/results).")
                  ) -> None:
@@ -748,6 +787,7 @@ def bench_infill(model: Optional[list[str]] = typer.Option(
         for name, value in (("--n", n), ("--blocks", blocks), ("--mc-num", mc_num)):
             check_at_least(name, value)
         check_at_least("--seed", seed, 0)
+        check_at_least("--context", context, 32)
         Alg.parse(alg)
         try:
             ks = tuple(int(k) for k in spans.split(",") if k.strip())
@@ -769,7 +809,7 @@ def bench_infill(model: Optional[list[str]] = typer.Option(
         output_dir(out_dir)
         with progress("bench infill") as advance:
             report = infill_bench(specs, n=n, spans=ks, blocks=blocks, mc_num=mc_num, seed=seed, alg=alg,
-                                  advance=advance)
+                                  advance=advance, context=context, dtype=dtype)
         write_infill_report(report, out_dir)
         print(infill_table(report))
         err.print(f"machine: {report['machine']}; wrote {out_dir}/infill.(md|json|png)")
@@ -784,10 +824,12 @@ def bench_serve(model: Optional[Path] = typer.Option(None, "--model", "-m",
                 temperature: float = typer.Option(0.0, help="Sampling temperature of every request (0 = argmax)."),
                 prompt: str = typer.Option("Request {i}:", help="Prompt of request i ({i} is replaced)."),
                 per_client: int = typer.Option(4, help="Requests per client at each level (at least 16 in all)."),
+                dtype: Optional[str] = DtypeOpt,
                 out_dir: Path = typer.Option(Path("dreamlm-bench"), "--out", help="Folder for the tables, JSON and plot "
                                                                  "(the repo's own: benchmarks/results).")
                 ) -> None:
     """`dreamlm serve` under load: requests/s, tokens/s, p50/p99 latency, batching on vs off."""
+    from dreamlm.config import DreamConfig
     from dreamlm.serve.bench import serve_bench, serve_table
 
     with user_errors():
@@ -800,11 +842,18 @@ def bench_serve(model: Optional[Path] = typer.Option(None, "--model", "-m",
         output_dir(out_dir)
         if max_tokens < 1 or per_client < 1:
             raise DreamError("max_tokens and per_client must be >= 1")
-        path = model_path(model, default="tiny-dream")
-        if not (Path(path) / "config.json").is_file():
-            raise DreamError(f"{path} is not a model directory (no config.json)")
+        path = require_model_dir(model_path(model, default="tiny-dream"))
         check_number("temperature", temperature)
-        report = serve_bench(Path(path), levels, max_tokens, temperature, per_client, out_dir, prompt)
+        if not 0 <= temperature <= 2:
+            raise DreamError(f"--temperature must be in [0, 2] (what the server accepts), got {temperature}")
+        context = DreamConfig.from_json_file(Path(path) / "config.json").context_length
+        if max_tokens > min(SERVE_MAX_TOKENS, context - 1):
+            raise DreamError(f"--max-tokens must be at most {min(SERVE_MAX_TOKENS, context - 1)} (the server's cap "
+                             f"of {SERVE_MAX_TOKENS} and this model's context of {context}), got {max_tokens}")
+        precision = choose_precision(dtype, None)
+        announce(precision)
+        report = serve_bench(Path(path), levels, max_tokens, temperature, per_client, out_dir, prompt,
+                             dtype=str(precision.dtype).removeprefix("torch."))
         print(serve_table(report))
         err.print(f"wrote {out_dir}/serve.(md|json|png)")
 
@@ -831,6 +880,7 @@ def eval_cmd(
     seed: int = typer.Option(0, help="Seed of every random draw (each request gets its own stream)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the results JSON here."),
     log_samples: bool = typer.Option(False, "--log-samples", help="Also write each document's response."),
+    dtype: Optional[str] = DtypeOpt,
 ) -> None:
     """Evaluate models with lm-evaluation-harness on the shipped offline tasks (model class `dreamlm`)."""
     import platform
@@ -845,17 +895,25 @@ def eval_cmd(
         dirs = sorted(p for p in assets.iterdir() if (p / "config.json").is_file()) if bundled else \
             [model_path(m) for m in model or [None]]
         for d in dirs:
-            if not (d / "config.json").is_file():
-                raise DreamError(f"{d} is not a model directory (no config.json)")
+            require_model_dir(d)
         if limit is not None and limit < 1:
             raise DreamError(f"limit must be >= 1, got {limit}")
+        check_steps(steps)
+        for name, value in (("--batch-size", batch_size), ("--max-new-tokens", max_new_tokens), ("--mc-num", mc_num),
+                            ("--mc-batch-size", mc_batch_size)):
+            check_at_least(name, value)
+        check_at_least("--seed", seed, 0)
+        if output is not None:
+            output_file(output)  # before the evaluation, not after it
         check_number("temperature", temperature)
         check_number("top_p", top_p)
         check_number("threshold", threshold)
+        precision = choose_precision(dtype, None)
         names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
         args = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, diffusion_steps=steps, alg=alg,
                     temperature=temperature, top_p=top_p, mc_num=mc_num, mc_batch_size=mc_batch_size,
-                    keep_last=keep_last, add_bos_token=add_bos, threshold=threshold, seed=seed)
+                    keep_last=keep_last, add_bos_token=add_bos, threshold=threshold, seed=seed,
+                    dtype=str(precision.dtype).removeprefix("torch."))
         runs, start = [], time.perf_counter()
         for d in dirs:
             began = time.perf_counter()
@@ -863,6 +921,8 @@ def eval_cmd(
             if result is None:  # not rank 0 under torchrun
                 continue
             seconds = time.perf_counter() - began
+            if not runs:  # once the first model's input was accepted
+                announce(precision)
             scores = {task: {k.split(",")[0]: v for k, v in r.items() if k.endswith(",none") and "stderr" not in k}
                       for task, r in result["results"].items()}
             run = {"model": d.name, "tasks": scores, "seconds": round(seconds, 1),

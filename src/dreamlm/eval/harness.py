@@ -23,8 +23,10 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from dreamlm.errors import DreamError
+from dreamlm.hub import require_model_dir
 from dreamlm.eval.likelihood import greedy_match, mc_elbo, request_seed
 from dreamlm.model import DreamModel
+from dreamlm.precision import inference_precision
 from dreamlm.sampling import SamplerOptions, advance, cut_at_eos, parse_template, plan
 from dreamlm.sampling.generate import Constraints
 from dreamlm.sampling.infill import MASK_SPAN, apply_stop, unwritable_ids
@@ -68,9 +70,7 @@ class DreamLM(LM):
         unknown = sorted(k for k in ignored if k not in {"max_batch_size"})
         if unknown:
             raise DreamError(f"unknown dreamlm model argument {unknown[0]!r}")
-        path = Path(str(pretrained))
-        if not (path / "config.json").is_file():
-            raise DreamError(f"{path} is not a model directory (no config.json)")
+        path = require_model_dir(Path(str(pretrained)))
         self.batch_size = 1 if str(batch_size).startswith("auto") else int(batch_size)
         if self.batch_size < 1:
             raise DreamError(f"batch_size must be >= 1, got {batch_size}")
@@ -78,6 +78,8 @@ class DreamLM(LM):
         if self.max_new_tokens < 1:
             raise DreamError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.steps = _optional(diffusion_steps, int)  # None: one step per new token (Dream: 128 for 128)
+        if self.steps is not None and self.steps < 1:  # 0 would silently mean "the default"
+            raise DreamError(f"diffusion_steps must be >= 1, got {diffusion_steps}")
         self.sampler = dict(eps=float(eps), temperature=float(temperature), top_p=_optional(top_p, float),
                             top_k=_optional(top_k, int), alg=str(alg), alg_temp=_optional(alg_temp, float),
                             block_length=_optional(block_length, int), cache=str(cache),
@@ -95,8 +97,10 @@ class DreamLM(LM):
                              "(lm_eval's CLI defaults to cuda: add --device cpu)")
         if device is None and torch.cuda.is_available():
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        self.solver = Solver(path, device=device) if (path / TASK_FILE).is_file() else None
-        self.model = self.solver.model if self.solver else DreamModel.from_pretrained(path, dtype=dtype, device=device)
+        weights = inference_precision("auto", device or "cpu").dtype if str(dtype) == "auto" else dtype
+        self.solver = Solver(path, device=device, dtype=weights) if (path / TASK_FILE).is_file() else None
+        self.model = self.solver.model if self.solver else DreamModel.from_pretrained(path, dtype=weights,
+                                                                                       device=device)
         self.model.eval()
         self._device = self.model.device
         self.tok = self.model.tokenizer

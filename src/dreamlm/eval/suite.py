@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from dreamlm.errors import DreamError
+from dreamlm.hub import require_model_dir
 
 TASK_DIR = Path(__file__).parent / "tasks"
 PLANNING_TASKS = {"sudoku4": ["dreamlm_sudoku4", "dreamlm_sudoku4_mc"], "star-2-5": ["dreamlm_star_2_5"],
@@ -38,9 +39,7 @@ def evaluate(model_dir: str | Path, tasks: list[str] | None = None, limit: int |
     """lm-eval results for one model directory on shipped tasks (default: `default_tasks`), fully offline."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise DreamError(f"{model_dir} is not a model directory (no config.json)")
+    model_dir = require_model_dir(model_dir)
     tasks = list(tasks or default_tasks(model_dir))
     unknown = [t for t in tasks if t not in task_names()]
     if unknown:

@@ -22,7 +22,10 @@ Sections and keys (all optional except data.train):
              graphs, "fixed" or "refs" for Countdown: training pairs are mapped through it and the solver reads puzzles the
              same way), fim_rate (AR pretraining only: the share of blocks rearranged into fill-in-the-middle form
              <|fim_prefix|> prefix <|fim_suffix|> suffix <|fim_middle|> middle at two random cut points, the
-             fair AR baseline for infilling; the tokenizer needs the three sentinels)
+             fair AR baseline for infilling; the tokenizer needs the three sentinels), sft_mix (pretraining only:
+             SFT JSONL files whose examples fill a share of every batch, Dream-SFT style: prompt kept clean, the
+             response and the EOS padding after it maskable; data.chat applies the chat template to their prompts),
+             sft_share (that share of each batch's rows, default 0.25)
 [objective]  kind ("diffusion" or "ar"), weighting ("elbo" = 1/t, "linear", "cart", "none"), cart_p,
              focal_gamma (0 = off), focal_alpha, eps, span_rate (diffusion only: the share of training examples
              that mask one contiguous run of round(t * n) tokens instead of independent tokens, the shape of an
@@ -43,12 +46,14 @@ Sections and keys (all optional except data.train):
              layers), rank, alpha, targets (linear layer names), train_norms (also train the RMSNorm weights),
              train_rows (input-embedding rows to train, e.g. a mask token the base never saw; "mask" = the
              model's mask token), base (how the exported adapter names its base: a hub name or a path;
-             "" = model.init_from). The export is then an adapter directory (PEFT's layout), not full weights
+             "" = model.init_from), init (an adapter directory of the same rank to start from, e.g. to continue
+             the shipped adapter). The export is then an adapter directory (PEFT's layout), not full weights
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -56,6 +61,13 @@ from pathlib import Path
 from typing import Any
 
 from dreamlm.errors import DreamError
+from dreamlm.files import read_text
+
+
+# Counts of steps (and keys measured in steps) are capped: 10**23 steps is a typo, not a run.
+MAX_COUNT = 10**9
+COUNTS = ("max_steps", "warmup_steps", "batch_size", "grad_accum", "log_every", "eval_every", "eval_batches",
+          "eval_solve", "save_every", "keep_checkpoints", "stop_at")
 
 
 @dataclass
@@ -87,6 +99,8 @@ class DataSection:
     task: str = ""
     view: str = ""
     fim_rate: float = 0.0
+    sft_mix: list[str] = field(default_factory=list)
+    sft_share: float = 0.25
 
 
 @dataclass
@@ -146,6 +160,7 @@ class AdapterSection:
     train_norms: bool = True
     train_rows: list[str] = field(default_factory=lambda: ["mask"])
     base: str = ""
+    init: str = ""
 
 
 @dataclass
@@ -178,10 +193,9 @@ class TrainConfig:
         data: dict[str, Any] = {}
         if path is not None:
             path = Path(path)
-            if not path.is_file():
-                raise DreamError(f"train config {path} does not exist")
+            text = read_text(path, "train config")
             try:
-                data = tomllib.loads(path.read_text(encoding="utf-8"))
+                data = tomllib.loads(text)
             except tomllib.TOMLDecodeError as exc:
                 raise DreamError(f"train config {path} is not valid TOML: {exc}") from None
         cfg = cls.from_dict(data)
@@ -224,6 +238,9 @@ class TrainConfig:
             (self.run.export_format == "dream" or self.objective.kind == "ar",
              "run.export_format 'qwen2' is for AR runs (objective.kind = 'ar'); a diffusion model is Dream's format"),
             (0 <= self.data.fim_rate <= 1, "data.fim_rate must be in [0, 1]"),
+            (0 < self.data.sft_share < 1, "data.sft_share must be in (0, 1)"),
+            (not self.data.sft_mix or self.data.stage == "pretrain",
+             "data.sft_mix adds SFT rows to packed pretraining blocks (data.stage = 'pretrain')"),
             (0 <= self.objective.span_rate <= 1, "objective.span_rate must be in [0, 1]"),
             (self.objective.span_rate == 0 or self.objective.kind == "diffusion",
              "objective.span_rate is for diffusion training (objective.kind = 'diffusion')"),
@@ -244,10 +261,30 @@ class TrainConfig:
              "adapter.train_rows holds token ids or \"mask\""),
             (not self.run.eval_solve or bool(self.data.task and self.data.valid),
              "run.eval_solve needs data.task and data.valid"),
-        ]
+            # ranges torch would only refuse with a traceback, or accept and train nothing / forever
+            (0 <= self.optim.beta1 < 1 and 0 <= self.optim.beta2 < 1, "optim.beta1 and beta2 must be in [0, 1)"),
+            (self.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+            (self.run.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1 (the latest is always kept)"),
+            (self.run.stop_at >= 0, "run.stop_at must be >= 0 (0 = never stop early)"),
+            (self.run.seed >= 0 and self.run.eval_batches >= 1, "run.seed must be >= 0 and run.eval_batches >= 1"),
+            (min(self.model.hidden_size, self.model.layers, self.model.heads, self.model.kv_heads) >= 1
+             and self.model.intermediate_size >= 0 and self.model.context >= 2,
+             "model.hidden_size, layers, heads and kv_heads must be >= 1, intermediate_size >= 0, context >= 2"),
+            (self.model.heads % max(self.model.kv_heads, 1) == 0, "model.heads must be a multiple of model.kv_heads"),
+        ] + [(getattr(section, key) <= MAX_COUNT, f"{name}.{key} must be at most {MAX_COUNT:,} (more steps "
+              "than any run takes)") for name, section in (("optim", self.optim), ("run", self.run))
+             for key in COUNTS if hasattr(section, key)]
         for ok, message in checks:
             if not ok:
                 raise DreamError(f"train config: {message}")
+        if self.objective.kind == "diffusion":
+            from dreamlm.training.objective import DiffusionObjective
+
+            o = self.objective
+            try:  # the loss's own checks, now rather than after the model is built
+                DiffusionObjective(o.weighting, o.cart_p, o.focal_gamma, o.focal_alpha, o.eps)
+            except DreamError as exc:
+                raise DreamError(f"train config: objective.{exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for the run directory's record)."""
@@ -267,22 +304,45 @@ def _convert(dotted: str, value: Any, kind: Any, from_text: bool) -> Any:
         if kind is int:
             if isinstance(value, bool):
                 raise ValueError
-            return int(value) if from_text else _exact(value, int)
+            number = int(value) if from_text else _exact(value, int)
+            if abs(number) >= 2**63:  # torch seeds and counters are 64-bit
+                raise DreamError(f"train config: {dotted}={value} is too large (integers must be below 2**63)")
+            return number
         if kind is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError
+            return number
         if kind is str:
             return str(value) if from_text else _exact(value, str)
         if typing.get_origin(kind) is list:
             if from_text:
-                return [v for v in value.split(",") if v]
+                return _text_list(value)
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ValueError
             return value
+    except DreamError:
+        raise
     except (ValueError, TypeError, AttributeError):
         pass
     raise DreamError(f"train config: bad value {value!r} for {dotted}")
+
+
+def _text_list(value: str) -> list[str]:
+    """A --set list: `a,b` or TOML's `["a", "b"]` (a bracketed value is a list, never a glob; `[a, b]` unquoted
+    is read as the names a and b)."""
+    value = value.strip()
+    if not (value.startswith("[") and value.endswith("]")):
+        return [v for v in value.split(",") if v]
+    try:
+        items = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        items = [v.strip().strip("'\"") for v in value[1:-1].split(",")]
+    if not all(isinstance(v, str) for v in items):
+        raise ValueError
+    return [v for v in items if v]
 
 
 def _exact(value: Any, kind: type) -> Any:

@@ -8,6 +8,7 @@ forward process may mask, `ar_targets` what an AR baseline is trained to predict
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -23,6 +24,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import WordLevel
 
 from dreamlm.errors import DreamError
+from dreamlm.files import read_text, text_file
 from dreamlm.tokenizer import DreamTokenizer
 
 CHAR_SPECIALS = ["<|pad|>", "<|endoftext|>", "<|mask|>", "<|sep|>"]
@@ -92,6 +94,12 @@ def stdlib_root() -> Path:
 def stdlib_split(valid_share: float = 0.05) -> tuple[list[Path], list[Path]]:
     """The running Python's standard-library .py files (no tests, no idlelib), split by a hash of each module's
     path into train and held-out *modules*: a real code corpus on every machine."""
+    train_files, valid_files = _stdlib_split(valid_share)
+    return list(train_files), list(valid_files)
+
+
+@functools.cache  # the walk takes seconds and the files never change while a process runs
+def _stdlib_split(valid_share: float) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
     root = stdlib_root()
     files = sorted(p for p in root.rglob("*.py")
                    if not {"site-packages", "test", "tests", "idlelib"} & set(p.relative_to(root).parts))
@@ -99,7 +107,7 @@ def stdlib_split(valid_share: float = 0.05) -> tuple[list[Path], list[Path]]:
     for p in files:
         h = int(hashlib.sha256(str(p.relative_to(root)).encode()).hexdigest()[:8], 16) / 16**8
         (valid_files if h < valid_share else train_files).append(p)
-    return train_files, valid_files
+    return tuple(train_files), tuple(valid_files)
 
 
 def resolve_files(entries: list[str]) -> list[Path]:
@@ -114,19 +122,34 @@ def resolve_files(entries: list[str]) -> list[Path]:
                 raise DreamError(f"data pattern {entry!r} matches no file")
             files += [p for p in matched if p.is_file()]
         elif Path(entry).is_dir():
-            files += sorted(p for p in Path(entry).rglob("*") if p.is_file())
+            found = sorted(p for p in Path(entry).rglob("*") if p.is_file())
+            if not found:
+                raise DreamError(f"data folder {entry} holds no files")
+            files += found
         else:
             files.append(Path(entry))
+    return files
+
+
+def check_data_files(files: list[Path]) -> list[Path]:
+    """Every data file exists and is UTF-8 text, checked in full before training starts (one streamed read;
+    a binary, UTF-16 or Latin-1 file deep in a corpus fails now, not in a later epoch)."""
+    if not files:
+        raise DreamError("no data files given")
+    for file in files:
+        text_file(file, "data file")
+    if not any(file.stat().st_size for file in files):
+        raise DreamError(f"the data files ({', '.join(map(str, files[:3]))}{', ...' if len(files) > 3 else ''}) "
+                         "are empty")
     return files
 
 
 def read_documents(files: list[Path]) -> Iterator[str]:
     """Texts of the files in order: a .jsonl line's "text" (or the whole line's string), else the whole file."""
     for file in files:
-        if not file.is_file():
-            raise DreamError(f"data file {file} does not exist")
+        text_file(file, "data file")
         if file.suffix == ".jsonl":
-            with file.open(encoding="utf-8-sig", errors="replace") as fh:
+            with file.open(encoding="utf-8-sig") as fh:
                 for n, line in enumerate(fh, start=1):
                     if line.strip():
                         try:
@@ -137,7 +160,7 @@ def read_documents(files: list[Path]) -> Iterator[str]:
                             raise DreamError(f"{file} line {n}: an object needs a \"text\" string")
                         yield obj["text"] if isinstance(obj, dict) else str(obj)
         else:
-            yield file.read_text(encoding="utf-8", errors="replace")
+            yield read_text(file, "data file")
 
 
 class PackedBlocks:
@@ -241,11 +264,10 @@ def read_examples(file: Path, tokenizer: DreamTokenizer, chat: bool, separator: 
                   transform: Callable[[str, str], tuple[str, str]] | None = None) -> list[Example]:
     """JSONL of {"prompt","response"}, {"input","output"} or {"messages": [...]} → token examples (+EOS);
     `transform` maps each {input, output} pair first (a planning task's model view)."""
-    if not file.is_file():
-        raise DreamError(f"data file {file} does not exist")
+    text_file(file, "data file")
     eos = tokenizer.eos_token_id
     out = []
-    with file.open(encoding="utf-8") as fh:
+    with file.open(encoding="utf-8-sig") as fh:
         for n, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -253,6 +275,16 @@ def read_examples(file: Path, tokenizer: DreamTokenizer, chat: bool, separator: 
                 obj = json.loads(line)
             except json.JSONDecodeError:
                 raise DreamError(f"{file} line {n} is not JSON") from None
+            if not isinstance(obj, dict):
+                raise DreamError(f"{file} line {n}: expected an object with prompt/response, input/output or "
+                                 "messages")
+            msgs = obj.get("messages", [])
+            if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                     for m in msgs):
+                raise DreamError(f"{file} line {n}: messages must be a list of {{\"role\", \"content\"}} objects")
+            if not all(isinstance(obj[k], str) for k in ("prompt", "response", "input", "output") if k in obj):
+                raise DreamError(f"{file} line {n}: every prompt, response, input, output and message content must "
+                                 "be a string")
             if "messages" in obj:
                 msgs = obj["messages"]
                 if not msgs or msgs[-1].get("role") != "assistant":
@@ -273,7 +305,10 @@ def read_examples(file: Path, tokenizer: DreamTokenizer, chat: bool, separator: 
                 prompt = tokenizer.apply_chat_template(prompt_msgs)
             else:
                 prompt = "".join(m["content"] for m in prompt_msgs)
-            out.append(Example(tokenizer.encode(prompt + separator), tokenizer.encode(response) + [eos]))
+            try:
+                out.append(Example(tokenizer.encode(prompt + separator), tokenizer.encode(response) + [eos]))
+            except DreamError as err:
+                raise DreamError(f"{file} line {n}: {err}") from None
     if not out:
         raise DreamError(f"{file} holds no examples")
     return out
@@ -285,6 +320,8 @@ class ExampleBatches:
 
     def __init__(self, examples: list[Example], seq_len: int, pad_token_id: int, seed: int = 0,
                  random_truncation: bool = False, rank: int = 0, world: int = 1) -> None:
+        if not examples:
+            raise DreamError("no training examples")
         too_long = [i for i, e in enumerate(examples) if len(e.prompt) + len(e.response) > seq_len]
         if too_long:
             e = examples[too_long[0]]
@@ -336,3 +373,38 @@ class ExampleBatches:
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position."""
         self.emitted = int(state["emitted"])
+
+
+class MixedBatches:
+    """Packed pretraining blocks with a fixed share of SFT examples in every batch (Dream-SFT rows: prompt clean,
+    response and EOS padding maskable), e.g. code plus chat answers. Each batch takes round(share · B) rows from
+    `extra`, the rest from `main`; both keep their own resume positions. Extra rows' example indices are offset so
+    their noise draws never coincide with a main row's."""
+
+    OFFSET = 10 ** 12
+
+    def __init__(self, main: "PackedBlocks", extra: ExampleBatches, share: float) -> None:
+        if not 0 < share < 1:
+            raise DreamError("data.sft_share must be in (0, 1)")
+        if extra.seq_len != main.seq_len:
+            raise DreamError("the SFT mix must use the packed blocks' seq_len")
+        self.main, self.extra, self.share = main, extra, share
+
+    def next_batch(self, batch_size: int) -> Batch:
+        """round(share · batch_size) SFT rows after the packed rows."""
+        k = min(batch_size - 1, round(self.share * batch_size)) if batch_size > 1 else 0
+        a = self.main.next_batch(batch_size - k)
+        if k == 0:
+            return a
+        b = self.extra.next_batch(k)
+        return Batch(torch.cat([a.x, b.x]), torch.cat([a.maskable, b.maskable]),
+                     torch.cat([a.ar_targets, b.ar_targets]), torch.cat([a.index, b.index + self.OFFSET]))
+
+    def state_dict(self) -> dict:
+        """Both resume positions."""
+        return {"main": self.main.state_dict(), "extra": self.extra.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from saved positions."""
+        self.main.load_state_dict(state["main"])
+        self.extra.load_state_dict(state["extra"])

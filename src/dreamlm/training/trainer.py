@@ -12,6 +12,7 @@ import dataclasses
 
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -23,19 +24,22 @@ import torch
 
 from dreamlm.config import DreamConfig
 from dreamlm.errors import DreamError
+from dreamlm.files import output_dir
 from dreamlm.hub import resolve
-from dreamlm.adapter import LoraSpec, add_lora, merge_lora, save_adapter
+from dreamlm.adapter import LoraSpec, add_lora, load_adapter_weights, save_adapter
+from dreamlm.checkpoint import resolve_device
 from dreamlm.model import DreamModel
 from dreamlm.precision import training_precision
 from dreamlm.tokenizer import DreamTokenizer
 from dreamlm.training.config import TrainConfig
-from dreamlm.training.data import (Batch, ExampleBatches, PackedBlocks, char_tokenizer, read_examples,
-                                   resolve_files)
+from dreamlm.training.data import (Batch, ExampleBatches, MixedBatches, PackedBlocks, char_tokenizer,
+                                   check_data_files,
+                                   read_examples, resolve_files)
 from dreamlm.training.objective import (DiffusionObjective, LossOutput, ar_loss, diffusion_loss, mask_span,
                                         mask_tokens, sample_times)
 from dreamlm.training.parallel import (World, all_reduce_sum, barrier, full_state, init_world, load_full_state,
                                        shard_model, shutdown)
-from dreamlm.training.state import load_training_checkpoint, save_training_checkpoint
+from dreamlm.training.state import LATEST, checkpoint_root, load_training_checkpoint, save_training_checkpoint
 
 
 @dataclass
@@ -98,6 +102,7 @@ def build_model(cfg: TrainConfig, tokenizer: DreamTokenizer) -> DreamModel:
         model.config.causal = causal
         if model.tokenizer is not None:
             adapt_vocabulary(model, model.tokenizer, tokenizer, cfg)
+        check_memory(cfg, model.config)
     else:
         m = cfg.model
         eos = tokenizer.eos_token_id
@@ -110,6 +115,7 @@ def build_model(cfg: TrainConfig, tokenizer: DreamTokenizer) -> DreamModel:
                              mask_token_id=tokenizer.mask_token_id, pad_token_id=pad, bos_token_id=eos,
                              eos_token_id=eos, causal=causal,
                              tie_word_embeddings=m.tie_embeddings, initializer_range=m.init_std)
+        check_memory(cfg, config)  # before the weights are allocated
         torch.manual_seed(cfg.run.seed)
         model = DreamModel(config).init_weights(cfg.run.seed)
         if m.compose_words and not compose_word_embeddings(model, tokenizer, cfg.run.seed):
@@ -132,6 +138,43 @@ def build_model(cfg: TrainConfig, tokenizer: DreamTokenizer) -> DreamModel:
                          "positions")
     model.tokenizer = tokenizer
     return model
+
+
+def memory_floor(cfg: TrainConfig, config: DreamConfig) -> int:
+    """Bytes one training process needs at the least: fp32 weights, gradients and AdamW's two moments (16 bytes
+    per parameter, split over the ranks of an FSDP run) plus one micro-batch's fp32 logits (batch_size x seq_len
+    x vocab x 4). Activations come on top: a run over this floor can never fit."""
+    c = config
+    width = c.num_attention_heads * c.dim_per_head
+    layer = 2 * c.hidden_size * width + 2 * c.hidden_size * c.num_key_value_heads * c.dim_per_head \
+        + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size
+    params = c.num_hidden_layers * layer + c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+    world = max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    return params * 16 // world + cfg.optim.batch_size * cfg.data.seq_len * c.vocab_size * 4
+
+
+def device_memory(device: str) -> tuple[str, int]:
+    """(name, total bytes) of the memory a run on `device` ("auto", "cpu", "cuda[:N]") computes in."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and torch.cuda.is_available():
+        index = torch.device(device).index
+        index = int(os.environ.get("LOCAL_RANK", "0")) if index is None else index
+        return f"GPU {index}", torch.cuda.get_device_properties(index).total_memory
+    return "this machine's RAM", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(cfg: TrainConfig, config: DreamConfig) -> None:
+    """DreamError, before anything is allocated, when the run's memory floor exceeds the device's memory."""
+    need = memory_floor(cfg, config)
+    where, have = device_memory(cfg.run.device)
+    if need > have:
+        raise DreamError(
+            f"train config: this run needs at least {need / 2**30:,.1f} GiB ({config.hidden_size}-wide model at 16 "
+            f"bytes per parameter for weights, gradients and AdamW, plus the fp32 logits of optim.batch_size="
+            f"{cfg.optim.batch_size} x data.seq_len={cfg.data.seq_len} x vocab {config.vocab_size}), more than "
+            f"{where} ({have / 2**30:,.1f} GiB); lower optim.batch_size (raise optim.grad_accum for the same batch) "
+            "or the model size")
 
 
 def adapt_vocabulary(model: DreamModel, old: DreamTokenizer, new: DreamTokenizer, cfg: TrainConfig) -> int:
@@ -231,12 +274,19 @@ def training_star_shapes(cfg: TrainConfig) -> list[tuple[int, int]]:
 
 
 def build_source(cfg: TrainConfig, tokenizer: DreamTokenizer, files: list[str], world: World, seed: int,
-                 pad_token_id: int, fim_rate: float = 0.0):
-    """The batch source for a list of files (packed blocks or SFT examples); fim_rate for training blocks only
-    (validation stays plain text, so the validation loss is comparable with a run without FIM)."""
+                 pad_token_id: int, fim_rate: float = 0.0, mix: bool = False):
+    """The batch source for a list of files (packed blocks or SFT examples); fim_rate and the SFT mix (`mix`) for
+    training blocks only (validation stays plain text, so the validation loss is comparable with a run without
+    them)."""
     paths = resolve_files(files)
     if cfg.data.stage == "pretrain":
-        return PackedBlocks(paths, tokenizer, cfg.data.seq_len, seed, world.rank, world.size, fim_rate)
+        blocks = PackedBlocks(paths, tokenizer, cfg.data.seq_len, seed, world.rank, world.size, fim_rate)
+        if not (mix and cfg.data.sft_mix):
+            return blocks
+        examples = [e for p in resolve_files(cfg.data.sft_mix)
+                    for e in read_examples(p, tokenizer, cfg.data.chat, cfg.data.separator)]
+        extra = ExampleBatches(examples, cfg.data.seq_len, pad_token_id, seed + 7, False, world.rank, world.size)
+        return MixedBatches(blocks, extra, cfg.data.sft_share)
     transform = view_of(cfg) if cfg.data.view else None
     examples = [e for p in paths for e in read_examples(p, tokenizer, cfg.data.chat, cfg.data.separator, transform)]
     return ExampleBatches(examples, cfg.data.seq_len, pad_token_id, seed, cfg.data.random_truncation,
@@ -248,8 +298,14 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
+        # what a user can get wrong fails here, in one line, before the model is built or any data is read
+        self.out = output_dir(Path(cfg.run.out_dir))
+        if cfg.run.device != "auto":
+            resolve_device(cfg.run.device)
+        for files in (cfg.data.train, cfg.data.valid):
+            if files:
+                check_data_files(resolve_files(files))
         self.world = init_world(cfg.run.device)
-        self.out = Path(cfg.run.out_dir)
         self.tokenizer = build_tokenizer(cfg)
         model = build_model(cfg, self.tokenizer)
         self.model_config = model.config
@@ -257,6 +313,8 @@ class Trainer:
         self.lora = lora_spec(cfg, model.config) if cfg.adapter.kind == "lora" else None
         if self.lora is not None:
             add_lora(model, self.lora, cfg.run.seed)
+            if cfg.adapter.init:
+                load_adapter_weights(model, resolve(cfg.adapter.init))
         model.to(self.world.device).train()
         self.precision = training_precision(cfg.run.precision, self.world.device)
         if self.world.main:
@@ -281,7 +339,7 @@ class Trainer:
             fused=self.world.device.type == "cuda")
         pad = self.model_config.pad_token_id if self.model_config.pad_token_id is not None else 0
         self.train_source = build_source(cfg, self.tokenizer, cfg.data.train, self.world, cfg.run.seed, pad,
-                                         cfg.data.fim_rate)
+                                         cfg.data.fim_rate, mix=True)
         self.valid_files = cfg.data.valid
         self.pad = pad
         self.step = 0
@@ -459,8 +517,8 @@ class Trainer:
     def fit(self, resume: bool = False) -> Path | None:
         """Train to max_steps (or stop_at), logging, evaluating and checkpointing; export at the end."""
         cfg = self.cfg
-        if resume and not self.resume() and self.world.main:
-            print(f"no checkpoint in {self.out}; starting from step 0")
+        if resume and not self.resume():
+            raise DreamError(f"--resume: {self.out} holds no checkpoint to continue; drop --resume to start a new run")
         if not resume and (self.out / "checkpoints").exists():
             raise DreamError(f"{self.out} already holds a run; pass --resume to continue it or choose another out_dir")
         if self.world.main:
@@ -595,4 +653,11 @@ def plot_losses(history: list[dict], path: Path) -> None:
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
     """Run training; returns the exported model directory (None when stopped early by run.stop_at)."""
+    root = checkpoint_root(cfg.run.out_dir)
+    if resume and not (root / LATEST).is_file():  # said now, not after the data is read and the model built
+        raise DreamError(f"--resume: {cfg.run.out_dir} holds no checkpoint to continue; drop --resume to start a "
+                         "new run")
+    if not resume and root.exists():
+        raise DreamError(f"{cfg.run.out_dir} already holds a run; pass --resume to continue it or choose another "
+                         "out_dir")
     return Trainer(cfg).fit(resume=resume)

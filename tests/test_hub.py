@@ -57,6 +57,7 @@ def tiny_spec(monkeypatch, tiny_gguf):
     spec = dataclasses.replace(pull_module.PULLABLE["smollm2"], sha256=pull_module.sha256_of(tiny_gguf),
                                size=tiny_gguf.stat().st_size)
     monkeypatch.setitem(pull_module.PULLABLE, "smollm2", spec)
+    monkeypatch.setattr(pull_module, "shipped_adapter", lambda name: None)  # the real one fits the real shape only
     return spec
 
 
@@ -206,3 +207,51 @@ def test_real_pull_answers_sensibly(home):  # pragma: no cover - opt-in
     assert gen.exit_code == 0, gen.output
     assert "Paris" in json.loads(gen.stdout)["text"]
     assert sorted(p.name for p in home.iterdir()) == ["smollm2", "smollm2-ar"]
+
+
+def test_pull_installs_the_shipped_adapter_and_the_name_means_base_plus_adapter(home, tiny_gguf, tiny_spec, tmp_path,
+                                                                               monkeypatch):
+    from dreamlm.adapter import LoraSpec, add_lora, lora_layers, save_adapter
+
+    assert run("pull", "smollm2", "--gguf", tiny_gguf).exit_code == 0  # a pull from before the adapter shipped
+    base = DreamModel.from_pretrained(resolve("smollm2-base"), dtype=torch.float32)
+    spec = LoraSpec(rank=2, alpha=4.0, train_rows=[base.config.mask_token_id])
+    add_lora(base, spec)
+    with torch.no_grad():
+        for layer in lora_layers(base).values():
+            layer.lora_B.fill_(0.01)
+    shipped = save_adapter(base, spec, tmp_path / "shipped" / "smollm2", base="smollm2-base", dtype=torch.float32)
+    monkeypatch.setattr(pull_module, "shipped_adapter", lambda name: shipped)
+    assert run("pull", "smollm2").exit_code == 0  # already pulled: only the adapter is added
+    assert resolve("smollm2") == home / "smollm2" / "adapter" and resolve("smollm2-base") == home / "smollm2"
+    assert not pull_module.install_adapter("smollm2", home / "smollm2")  # the same adapter again: nothing to do
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        adapted = DreamModel.from_pretrained(resolve("smollm2"), dtype=torch.float32)(ids)
+        plain = DreamModel.from_pretrained(resolve("smollm2-base"), dtype=torch.float32)(ids)
+        assert not torch.allclose(adapted, plain)
+        torch.testing.assert_close(adapted, base(ids), rtol=1e-5, atol=1e-5)  # the adapter, merged on load
+    info = run("info", "smollm2")
+    assert info.exit_code == 0 and "LoRA rank 2" in info.stdout and "(adapter)" in info.stdout
+
+
+def test_the_shipped_smollm2_adapter_fits_smollm2():
+    from safetensors import safe_open
+
+    from dreamlm.adapter import read_adapter_config
+
+    shipped = pull_module.shipped_adapter("smollm2")
+    assert shipped is not None
+    config = read_adapter_config(shipped)
+    assert config["base_model_name_or_path"] == "smollm2-base" and config["r"] == 32
+    shapes = {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576),
+              "gate_proj": (1536, 576), "up_proj": (1536, 576), "down_proj": (576, 1536)}
+    with safe_open(str(shipped / "adapter_model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        for layer in (0, 29):
+            for name, (out_f, in_f) in shapes.items():
+                prefix = f"base_model.model.model.layers.{layer}.{'self_attn' if 'proj' in name and name[0] in 'qkvo' else 'mlp'}.{name}"
+                assert f.get_slice(f"{prefix}.lora_A.weight").get_shape() == [32, in_f]
+                assert f.get_slice(f"{prefix}.lora_B.weight").get_shape() == [out_f, 32]
+        assert f.get_tensor("dreamlm.row_ids.model.embed_tokens.weight").tolist() == [49152]  # the mask token
+    assert sum(k.endswith(".lora_A.weight") for k in keys) == 30 * 7

@@ -60,8 +60,13 @@ def load(model_dir: Optional[Path], dtype: Optional[str], device: Optional[str])
     """Model and tokenizer from a directory (default: the bundled model)."""
     from dreamlm.model import DreamModel
 
+    from dreamlm.hub import DEFAULT_MODEL, default_model
+
     precision = choose_precision(dtype, device)
-    path = model_path(model_dir)
+    if model_dir is None and default_model() == DEFAULT_MODEL and err.is_terminal:  # a hint for people only
+        err.print(f"using the bundled {DEFAULT_MODEL} (a 5 M-parameter toy); `dreamlm pull smollm2` fetches a real "
+                  "135 M model that every verb then uses by default", highlight=False)
+    path = model_path(model_dir, default=default_model())
     model = DreamModel.from_pretrained(path, dtype=precision.dtype, device=device)
     if model.tokenizer is None:
         raise DreamError(f"{path} has no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
@@ -292,8 +297,14 @@ def info(model: str = typer.Argument(..., help="Model directory or name (bundled
     """Summarise a checkpoint: where it lives, shape, parameters, dtype, size (reads headers only)."""
     from dreamlm.checkpoint import inspect_checkpoint
 
+    from dreamlm.adapter import is_adapter_dir, read_adapter_config
+    from dreamlm.checkpoint import adapter_base
+
     with user_errors():
         path = model_path(model)
+        adapter = None
+        if is_adapter_dir(path):  # an adapter: describe the base it loads, then the adapter itself
+            adapter, path = path, adapter_base(path)
         ck = inspect_checkpoint(path)
         c = ck.config
         table = Table(title=model, show_header=False)
@@ -317,6 +328,13 @@ def info(model: str = typer.Argument(..., help="Model directory or name (bundled
         if (path / "pull.json").is_file():
             pulled = json.loads((path / "pull.json").read_text(encoding="utf-8"))
             rows.append(("pulled from", f"{pulled['package']} ({pulled['file']}, sha256 {pulled['sha256'][:12]}…)"))
+        if adapter is not None:
+            a = read_adapter_config(adapter)
+            size = sum(f.stat().st_size for f in adapter.iterdir() if f.is_file())
+            rows[0] = ("location", f"{adapter.resolve()} (adapter)")
+            rows.insert(1, ("base", str(path.resolve())))
+            rows.append(("adapter", f"LoRA rank {a['r']}, alpha {a['lora_alpha']:g}, on "
+                                    f"{', '.join(a['target_modules'])}; {size / 2**20:.1f} MiB, merged on load"))
         for key, value in rows:
             table.add_row(key, str(value))
         out.print(table)
@@ -813,6 +831,43 @@ def bench_infill(model: Optional[list[str]] = typer.Option(
         write_infill_report(report, out_dir)
         print(infill_table(report))
         err.print(f"machine: {report['machine']}; wrote {out_dir}/infill.(md|json|png)")
+
+
+@bench_app.command("chat")
+def bench_chat(model: str = typer.Option("smollm2", "--model", "-m", help="The diffusion model (name or folder)."),
+               ar: str = typer.Option("smollm2-ar", "--ar", help="The same base used autoregressively."),
+               n: int = typer.Option(0, help="Held-out prompts to use (0: all)."),
+               max_new_tokens: int = typer.Option(64, help="Canvas / answer length in tokens."),
+               per_step: str = typer.Option("1,2,4", help="Comma-separated tokens committed per diffusion step."),
+               alg: str = AlgOpt,
+               dtype: str = typer.Option("auto", help="auto (bf16 where the CPU/GPU multiplies bf16 natively), "
+                                                      "float32 or bfloat16."),
+               out_dir: Path = typer.Option(Path("dreamlm-bench"), "--out", help="Folder for chat.md/json/png.")
+               ) -> None:
+    """Held-out chat prompts with checkable answers: the diffusion model at k tokens/step vs the AR base."""
+    from dreamlm.chat_bench import chat_bench, chat_table, write_chat_report
+    from dreamlm.model import DreamModel
+    from dreamlm.precision import inference_precision
+    from dreamlm.sampling.options import Alg
+
+    with user_errors():
+        check_at_least("--n", n, 0)
+        check_at_least("--max-new-tokens", max_new_tokens)
+        Alg.parse(alg)
+        try:
+            ks = tuple(int(k) for k in per_step.split(",") if k.strip())
+        except ValueError:
+            raise DreamError(f"--per-step must be comma-separated integers, got {per_step!r}") from None
+        output_dir(out_dir)
+        weights = inference_precision(dtype, "cpu")
+        err.print(weights.describe())
+        diffusion = DreamModel.from_pretrained(model_path(model), dtype=weights.dtype).eval()
+        base = DreamModel.from_pretrained(model_path(ar), dtype=weights.dtype).eval()
+        with progress("bench chat") as advance:
+            report = chat_bench(diffusion, base, n or None, max_new_tokens, ks, alg, advance)
+        write_chat_report(report, out_dir)
+        print(chat_table(report))
+        err.print(f"wrote {out_dir}/chat.(md|json|png)")
 
 
 @bench_app.command("serve")

@@ -85,6 +85,18 @@ def _pulled_path(name: str) -> Path:
     return path
 
 
+def default_model() -> str:
+    """The model a verb uses when none is named: the adapted SmolLM2 once pulled, else the bundled stdlib-code."""
+    return "smollm2" if is_pulled("smollm2") else DEFAULT_MODEL
+
+
+def model_label(path: str | Path) -> str:
+    """A model's short name: its folder's, except that an adapter folder is named by what it adapts
+    (`.../smollm2/adapter` is `smollm2`)."""
+    path = Path(path).resolve()
+    return path.parent.name if path.name == ADAPTER_FOLDER else path.name
+
+
 def is_model_dir(path: str | Path) -> bool:
     """A model directory holds full weights (config.json) or an adapter over a base (adapter_config.json)."""
     return (Path(path) / "config.json").is_file() or (Path(path) / "adapter_config.json").is_file()

@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dreamlm.errors import DreamError
+from dreamlm.hub import model_label
 from dreamlm.sampling import Constraints, SamplerOptions, plan, steps_for_blocks
 from dreamlm.sampling.infill import MASK_SPAN, apply_stop, parse_template, unwritable_ids
 from dreamlm.serve.engine import Engine, Job, QueueFull, ShuttingDown
@@ -310,6 +311,9 @@ def start_run(app: FastAPI, served: Served, req: CompletionRequest | ChatRequest
     """Plan each prompt and queue its job; every check happens before the first job is queued."""
     limits: Limits = app.state.limits
     fields = set(type(req).model_fields)
+    if len(prompts) > limits.max_queue:  # each prompt waits as one job: a retry could never fit (not a 503)
+        raise ApiError(400, f"the request has {len(prompts)} prompts, more than this server queues per model "
+                            f"({limits.max_queue}, serve --max-queue); send them in smaller requests", "prompt")
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     states = []
@@ -509,7 +513,10 @@ def create_app(models: dict[str, Served], limits: Limits | None = None) -> FastA
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        error = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": ""}
+        errors = exc.errors()
+        # a union (content: str | parts) reports every branch; the value error says what is really wrong
+        error = next((e for e in errors if e.get("type") == "value_error"), errors[0]) if errors else \
+            {"loc": (), "msg": "invalid request", "type": ""}
         loc = [str(part) for part in error.get("loc", ()) if part != "body"]
         param = loc[0] if loc else None
         if error.get("type") == "extra_forbidden":
@@ -520,7 +527,7 @@ def create_app(models: dict[str, Served], limits: Limits | None = None) -> FastA
             message = "the body is missing; send a JSON object"
         else:
             where = ".".join(p for p in loc if not any(c in p for c in "[]")) or "body"
-            message = f"{where}: {error.get('msg', 'invalid value')}"
+            message = f"{where}: {error.get('msg', 'invalid value').removeprefix('Value error, ')}"
         request.state.error = message
         return ApiError(400, message, param).response()
 
@@ -696,11 +703,15 @@ class Guard:
 
 
 def bundled_models() -> list[Path]:
-    """The bundled models a bare `dreamlm serve` answers for: the text model and every diffusion solver."""
+    """The models a bare `dreamlm serve` answers for: the text model, every diffusion solver, and the adapted SmolLM2
+    when it has been pulled."""
     from importlib import resources
 
+    from dreamlm.hub import is_pulled, resolve
+
     root = Path(str(resources.files("dreamlm") / "assets"))
-    return sorted(p for p in root.iterdir() if (p / "config.json").is_file() and not p.name.endswith("-ar"))
+    bundled = sorted(p for p in root.iterdir() if (p / "config.json").is_file() and not p.name.endswith("-ar"))
+    return bundled + ([resolve("smollm2")] if is_pulled("smollm2") else [])
 
 
 def load_models(paths: list[Path], limits: Limits, dtype: str = "float32", device: str | None = None,
@@ -710,7 +721,7 @@ def load_models(paths: list[Path], limits: Limits, dtype: str = "float32", devic
 
     models: dict[str, Served] = {}
     for path in paths:
-        name = Path(path).resolve().name
+        name = model_label(path)
         if name in models:
             raise DreamError(f"two models are named {name!r}; serve folders with different names")
         model = DreamModel.from_pretrained(path, dtype=dtype, device=device)

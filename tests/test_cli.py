@@ -85,7 +85,7 @@ def test_user_errors_are_one_line(args, message):
 
 def test_bad_config_is_one_line(bad_config_dir):
     res = run("generate", "hi", "--model", bad_config_dir)
-    assert res.exit_code == 2 and "vocab_size must be a positive integer" in res.stderr
+    assert res.exit_code == 2 and "vocab_size must be an integer, got 'many'" in res.stderr
 
 
 def test_console_script_error_has_no_traceback():

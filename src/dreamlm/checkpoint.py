@@ -16,6 +16,7 @@ from torch import nn
 
 from dreamlm.config import DreamConfig
 from dreamlm.errors import DreamError
+from dreamlm.files import as_path, output_dir, read_text
 from dreamlm.model import DreamModel
 from dreamlm.tokenizer import MASK, DreamTokenizer, has_tokenizer_files
 
@@ -71,16 +72,34 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """A torch dtype from a name such as 'bf16'; None stays None (keep the stored dtype)."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise DreamError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """A torch device this machine has (None: the CPU); DreamError for an unknown name or a missing GPU."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        where = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise DreamError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if where.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DreamError(f"device {device}: CUDA is not available on this machine (use cpu)")
+        if where.index is not None and where.index >= torch.cuda.device_count():
+            raise DreamError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif where.type != "cpu":
+        raise DreamError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+    return where
 
 
 def inspect_checkpoint(path: str | Path, config: DreamConfig | None = None) -> CheckpointInfo:
     """Read config and safetensors headers of a model directory, with errors that say what is wrong.
 
     `config` replaces the directory's config.json (conversion reads AR configs itself)."""
-    path = Path(path)
+    path = as_path(path, "model directory")
     if not path.exists():
         raise DreamError(f"model directory {path} does not exist")
     if not path.is_dir():
@@ -89,7 +108,7 @@ def inspect_checkpoint(path: str | Path, config: DreamConfig | None = None) -> C
         config = DreamConfig.from_json_file(path / "config.json")
     if (path / INDEX_FILE).is_file():
         try:
-            index = json.loads((path / INDEX_FILE).read_text(encoding="utf-8"))
+            index = json.loads(read_text(path / INDEX_FILE, "weight index"))
             weight_map = index["weight_map"]
             assert isinstance(weight_map, dict)
         except (json.JSONDecodeError, KeyError, AssertionError, TypeError):
@@ -143,6 +162,24 @@ def _check_names_and_shapes(info: CheckpointInfo, expected: dict[str, tuple[int,
             )
 
 
+def _check_shape_keys(info: CheckpointInfo) -> None:
+    """The config's shape against a few stored tensors, before any module is built: a config.json that says
+    10**9 layers or a 10**30-wide model must be refused, not built (even on the meta device)."""
+    c, stored = info.config, info.tensors
+    layers = {int(m.group(1)) for m in (re.match(r"model\.layers\.(\d+)\.", k) for k in stored) if m}
+    if len(layers) != c.num_hidden_layers:
+        raise DreamError(f"config.json of {info.path} says num_hidden_layers={c.num_hidden_layers}, but the "
+                         f"checkpoint holds {len(layers)} layers")
+    D = c.dim_per_head
+    for name, shape in (("model.embed_tokens.weight", (c.vocab_size, c.hidden_size)),
+                        ("model.layers.0.self_attn.q_proj.weight", (c.num_attention_heads * D, c.hidden_size)),
+                        ("model.layers.0.self_attn.k_proj.weight", (c.num_key_value_heads * D, c.hidden_size)),
+                        ("model.layers.0.mlp.gate_proj.weight", (c.intermediate_size, c.hidden_size))):
+        if name in stored and stored[name].shape != shape:
+            raise DreamError(f"tensor {name} has shape {list(stored[name].shape)} in the checkpoint, but the config "
+                             f"needs {list(shape)}")
+
+
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
@@ -155,6 +192,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, de
     adapter directory loads its base and merges the adapter into it (in float32, then cast to `dtype`)."""
     from dreamlm.adapter import apply_adapter, is_adapter_dir
 
+    path = as_path(path, "model directory")
     if is_adapter_dir(path):
         base = adapter_base(path)
         model = load_from_info(inspect_checkpoint(base), dtype=torch.float32, causal=causal)
@@ -187,7 +225,8 @@ def load_from_info(info: CheckpointInfo, dtype: torch.dtype | str | None = None,
                    device: torch.device | str | None = None, causal: bool | None = None) -> DreamModel:
     """Materialise the model an inspected checkpoint describes."""
     dtype = resolve_dtype(dtype)
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = resolve_device(device)
+    _check_shape_keys(info)
     with torch.device("meta"):
         model = DreamModel(info.config, causal=causal)
     tied = info.config.tie_word_embeddings
@@ -218,16 +257,20 @@ def load_from_info(info: CheckpointInfo, dtype: torch.dtype | str | None = None,
 
 def parse_size(size: int | str) -> int:
     """Bytes from an int or a string like '5GB', '200MB', '10KiB'."""
-    if isinstance(size, int):
+    if isinstance(size, int) and not isinstance(size, bool):
         if size < 1:
             raise DreamError(f"max_shard_size must be positive, got {size}")
         return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", size, flags=re.IGNORECASE)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", size, flags=re.IGNORECASE) \
+        if isinstance(size, str) else None
     if not m:
         raise DreamError(f"cannot read size {size!r}; write e.g. '5GB' or '500MB'")
     unit = (m.group(2) or "B").upper()
     factor = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
-    return max(1, int(float(m.group(1)) * factor))
+    size_bytes = int(float(m.group(1)) * factor)
+    if size_bytes < 1:  # a zero size would write one file per tensor, never what was meant
+        raise DreamError(f"max_shard_size must be at least one byte, got {size!r}")
+    return size_bytes
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -258,9 +301,9 @@ def shard_names(state: dict[str, torch.Tensor], max_bytes: int) -> list[list[str
 def save_pretrained(model: DreamModel, path: str | Path, max_shard_size: int | str = "5GB",
                     tokenizer: DreamTokenizer | None = None) -> None:
     """Write a Dream-format directory; files are replaced atomically and stale weight files removed last."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    path = output_dir(path)  # a file, a path under a file, an unwritable folder: refused before anything is written
     max_bytes = parse_size(max_shard_size)
+    path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -296,6 +339,7 @@ def save_pretrained(model: DreamModel, path: str | Path, max_shard_size: int | s
 
 # ---- AR -> diffusion conversion ---------------------------------------------------------------------------------
 LLAMA_ONLY_KEYS = {"mlp_bias", "pretraining_tp", "head_dim", "attention_bias"}
+SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 def ar_config_to_dream(data: dict) -> dict:
@@ -304,6 +348,11 @@ def ar_config_to_dream(data: dict) -> dict:
     if kind not in ("qwen2", "llama"):
         raise DreamError(f"convert reads causal qwen2 or llama checkpoints, not model_type {kind!r}")
     out = dict(data)
+    missing = [k for k in SHAPE_KEYS if k not in out]
+    if missing:  # never Dream-7B's defaults in their place: the weights would not fit, or fit the wrong shape
+        raise DreamError(f"the {kind} config.json has no {', '.join(missing)}; it must give the model's shape "
+                         f"({', '.join(SHAPE_KEYS)})")
+    out.setdefault("num_key_value_heads", out["num_attention_heads"])  # HF's meaning when absent: no grouping
     if kind == "llama":
         if out.pop("mlp_bias", False):
             raise DreamError("this Llama has MLP biases (mlp_bias=true), which the Qwen2 block has no place for")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dreamlm.errors import DreamError
+from dreamlm.files import read_text
 
 # Dream's usable context (prompt + output); longer inputs are refused even if RoPE could reach further.
 DREAM_CONTEXT = 2048
@@ -52,6 +53,23 @@ HF_EXTRAS = frozenset(
         "cross_attention_hidden_size",
     }
 )
+
+
+def _field_types(hint: str) -> tuple[type, ...]:
+    table = {"int": int, "float": (int, float), "bool": bool, "str": str, "dict": dict, "None": type(None)}
+    kinds: list[type] = []
+    for part in hint.replace(" ", "").split("|"):
+        kind = table.get(part)
+        if kind is None:
+            return ()
+        kinds += list(kind) if isinstance(kind, tuple) else [kind]
+    return tuple(kinds)
+
+
+def _type_names(kinds: tuple[type, ...]) -> str:
+    names = {bool: "true or false", int: "an integer", str: "a string", dict: "an object", type(None): "null"}
+    words = ["a number" if float in kinds else names[k] for k in kinds if not (float in kinds and k is int)]
+    return " or ".join(dict.fromkeys(words))
 
 
 @dataclass
@@ -102,6 +120,10 @@ class DreamConfig:
     # ---- checks --------------------------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise DreamError if the numbers cannot describe a model."""
+        for f in dataclasses.fields(self):  # JSON types first: "false" (a string) must never pass for false
+            value, kinds = getattr(self, f.name), FIELD_TYPES.get(f.name)
+            if kinds is not None and not (isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))):
+                raise DreamError(f"config: {f.name} must be {_type_names(kinds)}, got {value!r}")
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "num_key_value_heads", "max_position_embeddings")
         for name in positive:
@@ -201,8 +223,8 @@ class DreamConfig:
         if not path.is_file():
             raise DreamError(f"no config.json in {path.parent} (is this a model directory?)")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            data = json.loads(read_text(path, "model config"))
+        except json.JSONDecodeError as exc:
             raise DreamError(f"{path} is not valid JSON: {exc}") from None
         try:
             return cls.from_dict(data)
@@ -221,3 +243,7 @@ class DreamConfig:
             "pad_token_id": self.pad_token_id,
             "mask_token_id": self.mask_token_id,
         }
+
+
+# The JSON type each config.json key must have, from the dataclass annotations ("int | None", "float", ...).
+FIELD_TYPES = {f.name: kinds for f in dataclasses.fields(DreamConfig) if (kinds := _field_types(str(f.type)))}

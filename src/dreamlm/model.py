@@ -158,6 +158,21 @@ class DreamBackbone(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
+def check_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """DreamError unless input_ids is a (B, L) integer tensor of ids in 0..vocab_size-1 (an id past the table
+    would be an IndexError on the CPU and a device-side assert, which ends the process, on a GPU)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long,
+                                                                                                  torch.int32):
+        what = f"a {input_ids.dim()}-d {input_ids.dtype} tensor" if isinstance(input_ids, torch.Tensor) else \
+            type(input_ids).__name__
+        raise DreamError(f"input_ids must be a (batch, length) tensor of token ids (torch.long), got {what}")
+    if torch.compiler.is_compiling() or input_ids.numel() == 0:
+        return
+    if bool(((input_ids < 0) | (input_ids >= vocab_size)).any()):
+        bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)][0].item()
+        raise DreamError(f"input_ids holds {bad}, which is not a token id of this model (0..{vocab_size - 1})")
+
+
 def padding_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids (B, L) for a left-padded 0/1 mask: each row's first real token gets 0, pads a dummy 1."""
     position_ids = attention_mask.long().cumsum(-1) - 1
@@ -228,6 +243,7 @@ class DreamModel(nn.Module):
         """
         if cache is not None and cache.length and not (start == 0 and input_ids.shape[1] == cache.length):
             return self._span_forward(input_ids, attention_mask, position_ids, select, cache, start)
+        check_ids(input_ids, self.config.vocab_size)
         B, L = input_ids.shape
         if L > self.config.context_length:
             raise DreamError(f"the input has {L} tokens, more than the model's context of {self.config.context_length}")

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from dreamlm.errors import DreamError
+from dreamlm.files import read_text
 from dreamlm.model import DreamModel
 from dreamlm.sampling import Constraints, cut_at_eos, diffusion_generate, steps_for_blocks
 from dreamlm.sampling.autoregressive import ar_generate
@@ -80,7 +81,7 @@ def bundled_solver_dir(task: str, kind: str = "diffusion") -> Path:
             if not (candidate / "config.json").is_file():
                 continue
             meta_file = candidate / TASK_FILE
-            meta = json.loads(meta_file.read_text()) if meta_file.is_file() else \
+            meta = read_task_file(meta_file, solving=False) if meta_file.is_file() else \
                 {"task": candidate.name.removesuffix(f"-{kind}")}
             trained = star_shapes(meta)
             shapes = [s for s in trained if s[0] >= degree and s[1] >= length]
@@ -89,6 +90,22 @@ def bundled_solver_dir(task: str, kind: str = "diffusion") -> Path:
         if fits:
             return bundled_model_dir(min(fits)[-1])
     raise DreamError(f"no bundled model for {task} yet; train one (recipes/planning) and pass --model")
+
+
+def read_task_file(file: Path, solving: bool = True) -> dict[str, Any]:
+    """A planning model's task file (dreamlm_task.json), checked: an object naming its task (and, to solve with
+    it, its seq_len)."""
+    try:
+        meta = json.loads(read_text(file, "task file"))
+    except json.JSONDecodeError as exc:
+        raise DreamError(f"{file} is not valid JSON: {exc}") from None
+    seq_len = meta.get("seq_len", 2 if not solving else None) if isinstance(meta, dict) else None
+    if not (isinstance(meta, dict) and isinstance(meta.get("task"), str) and isinstance(seq_len, int)
+            and not isinstance(seq_len, bool) and seq_len >= 2
+            and isinstance(meta.get("separator", ""), str) and isinstance(meta.get("view", ""), str)):
+        raise DreamError(f"{file} must be an object with a \"task\" name, an integer \"seq_len\" >= 2 and "
+                         "optional \"separator\" and \"view\" strings")
+    return meta
 
 
 def write_task_file(path: str | Path, task: str, seq_len: int, separator: str, command: str, view: str = "",
@@ -111,7 +128,7 @@ class Solver:
         meta_file = model_dir / TASK_FILE
         if not meta_file.is_file():
             raise DreamError(f"{model_dir} is not a planning model (no {TASK_FILE})")
-        meta = json.loads(meta_file.read_text())
+        meta = read_task_file(meta_file)
         model = DreamModel.from_pretrained(model_dir, dtype=torch.float32, device=device)
         if model.tokenizer is None:
             raise DreamError(f"{model_dir} has no tokenizer")

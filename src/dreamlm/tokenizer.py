@@ -17,10 +17,12 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 
 from dreamlm.errors import DreamError
+from dreamlm.files import read_text, text_file
 
 # Qwen2's pre-tokenization split (a fact of the format, the same regex every Qwen2 tokenizer uses).
 QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 SPECIAL_PATTERN = re.compile(r"<\|[^<>|\s]*\|>")
+SURROGATE = re.compile("[\ud800-\udfff]")  # a str may hold one (JSON "\ud800", undecodable argv); UTF-8 cannot
 MASK = "<|mask|>"
 ENDOFTEXT = "<|endoftext|>"
 
@@ -69,13 +71,14 @@ class DreamTokenizer:
         if (path / "tokenizer_config.json").is_file():
             config = cls._read_json(path / "tokenizer_config.json")
         if (path / "tokenizer.json").is_file():
+            text_file(path / "tokenizer.json", "tokenizer file")
             try:
                 tok = Tokenizer.from_file(str(path / "tokenizer.json"))
             except Exception as exc:  # tokenizers raises a bare Exception on malformed files
                 raise DreamError(f"{path / 'tokenizer.json'} is not a valid tokenizer file: {exc}") from None
         elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
             vocab = cls._read_json(path / "vocab.json")
-            lines = (path / "merges.txt").read_text(encoding="utf-8").splitlines()
+            lines = read_text(path / "merges.txt", "tokenizer file").splitlines()
             merges = []
             for n, line in enumerate(lines, start=1):
                 if not line or line.startswith("#version"):
@@ -84,10 +87,20 @@ class DreamTokenizer:
                 if len(parts) != 2:
                     raise DreamError(f"{path / 'merges.txt'} line {n} is not a 'left right' pair: {line!r}")
                 merges.append((parts[0], parts[1]))
-            tok = qwen2_bpe(vocab, merges)
+            if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in vocab.items()):
+                raise DreamError(f"{path / 'vocab.json'} must map token strings to integer ids")
+            try:
+                tok = qwen2_bpe(vocab, merges)
+            except Exception as exc:  # tokenizers raises a bare Exception (e.g. a merge of unknown tokens)
+                raise DreamError(f"{path} holds a broken BPE vocabulary or merges: {exc}") from None
         else:
             raise DreamError(f"no tokenizer in {path} (expected tokenizer.json or vocab.json + merges.txt)")
         decoder = config.get("added_tokens_decoder") or {}
+        if not isinstance(decoder, dict) or not all(
+                isinstance(k, str) and k.isdigit() and isinstance(v, dict) and isinstance(v.get("content"), str)
+                for k, v in decoder.items()):
+            raise DreamError(f"{path / 'tokenizer_config.json'}: added_tokens_decoder must map ids to "
+                             "{\"content\": ...} objects")
         for token_id, spec in sorted(decoder.items(), key=lambda kv: int(kv[0])):
             content = spec["content"]
             if tok.token_to_id(content) is None:
@@ -104,8 +117,8 @@ class DreamTokenizer:
     @staticmethod
     def _read_json(file: Path) -> dict[str, Any]:
         try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            data = json.loads(read_text(file, "tokenizer file"))
+        except json.JSONDecodeError as exc:
             raise DreamError(f"{file} is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
             raise DreamError(f"{file} must hold a JSON object")
@@ -184,6 +197,12 @@ class DreamTokenizer:
     def encode(self, text: str) -> list[int]:
         """Ids of text; special token strings in it become their ids; no BOS/EOS added. A character tokenizer
         refuses characters outside its alphabet (they would silently become <|pad|>)."""
+        if not isinstance(text, str):
+            raise DreamError(f"the text to encode must be a string, got {type(text).__name__}")
+        lone = SURROGATE.search(text)
+        if lone:
+            raise DreamError(f"the text holds a lone UTF-16 surrogate ({lone.group(0)!r} at character "
+                             f"{lone.start()}), which is not Unicode text")
         alphabet = self.config.get("alphabet")
         if alphabet is not None:
             plain = text

@@ -207,9 +207,15 @@ def plan(model: "DreamModel", input_ids: torch.Tensor, attention_mask: torch.Ten
             _check_ids(f"pinned position {pos}", [token], vocab)
             if token == mask_id:
                 raise DreamError(f"pinned position {pos} holds the mask id; pin real tokens only")
+            if bool((x[:, pos] != mask_id).any()):
+                raise DreamError(f"pinned position {pos} is a prompt token, not a masked slot; pin only positions "
+                                 "the sampler fills")
             x[:, pos] = token
         if constraints.banned_token_ids:
             _check_ids("banned_token_ids", constraints.banned_token_ids, vocab)
+            if len(set(constraints.banned_token_ids) | {mask_id}) >= vocab:
+                raise DreamError("banned_token_ids leaves no token the sampler may write (every id but the mask "
+                                 "is banned)")
             banned = torch.tensor(sorted(set(constraints.banned_token_ids)), device=device)
     first_real = pad_mask.argmax(dim=1) if pad_mask is not None else torch.zeros(x.shape[0], dtype=torch.long,
                                                                                      device=device)

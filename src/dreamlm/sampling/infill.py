@@ -75,8 +75,17 @@ def parse_template(tokenizer: "DreamTokenizer", template: str, mask_token_id: in
 
 def json_template(fields: dict[str, int | str]) -> str:
     """A JSON-object template: each value is a masked span (an int is its token count) or fixed text."""
+    if not isinstance(fields, dict):
+        raise DreamError(f"json_template takes a dict of field name -> token count or text, got "
+                         f"{type(fields).__name__}")
     parts = []
     for key, value in fields.items():
+        if not isinstance(key, str):
+            raise DreamError(f"json_template: field names must be strings, got {key!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise DreamError(f"json_template: {key!r} must be a token count (int) or fixed text (str), got {value!r}")
+        if isinstance(value, int) and not 1 <= value <= MAX_SPAN:
+            raise DreamError(f"json_template: {key!r} needs 1..{MAX_SPAN} tokens, got {value}")
         slot = f"<|mask:{value}|>" if isinstance(value, int) else json.dumps(value)
         parts.append(f"{json.dumps(key)}: {slot}")
     return "{" + ", ".join(parts) + "}"
@@ -110,6 +119,10 @@ def infill(model: "DreamModel", tokenizer: "DreamTokenizer", template: str, step
 
     `steps` defaults to the number of masked tokens; other keyword arguments go to `diffusion_generate`.
     """
+    if not isinstance(template, str):
+        raise DreamError(f"the template must be a string with <|mask|> spans, got {type(template).__name__}")
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+        raise DreamError(f"steps must be an integer >= 1 (or None: one per masked token), got {steps!r}")
     mask_id = model.config.mask_token_id
     if mask_id is None:
         raise DreamError("the model config has no mask_token_id; it cannot infill")

@@ -108,6 +108,22 @@ async def _level(url: str, model: str, concurrency: int, requests: int, max_toke
             "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
 
 
+def probe(url: str, model: str, max_tokens: int, temperature: float, prompt: str) -> None:
+    """One request as the benchmark sends them; DreamError with the server's reason if it is refused (a table of
+    failed requests measures nothing)."""
+    import httpx
+
+    body = {"model": model, "prompt": prompt.replace("{i}", "0"), "max_tokens": max_tokens, "seed": 0,
+            "temperature": temperature}
+    r = httpx.post(url + "/v1/completions", json=body, timeout=600)
+    if r.status_code != 200:
+        try:
+            reason = r.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            reason = r.text[:200]
+        raise DreamError(f"the server refuses the benchmark's requests ({r.status_code}): {reason}")
+
+
 def serve_bench(model_dir: Path, levels: tuple[int, ...] = LEVELS, max_tokens: int = 32, temperature: float = 0.0,
                 requests_per_client: int = 4, out_dir: Path | None = None, prompt: str = PROMPT) -> dict[str, Any]:
     """Both servers at every level; the report (and files in out_dir)."""
@@ -120,6 +136,7 @@ def serve_bench(model_dir: Path, levels: tuple[int, ...] = LEVELS, max_tokens: i
     for batching in (True, False):
         server = ServerProcess(Path(model_dir), batching)
         try:
+            probe(server.url, model, max_tokens, temperature, prompt)
             asyncio.run(_level(server.url, model, 4, 8, max_tokens, temperature, 10**6, prompt))  # warm-up
             for c in levels:
                 n = max(c * requests_per_client, 16)

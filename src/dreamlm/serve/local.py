@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import ipaddress
 import socket
 import threading
 import time
@@ -10,7 +12,28 @@ from typing import Iterator
 
 import uvicorn
 
+from dreamlm.errors import DreamError
 from dreamlm.serve.app import Limits, bundled_models, create_app, load_models
+
+
+def listen(host: str, port: int) -> tuple[socket.socket, bool]:
+    """A socket bound to (host, port) for `dreamlm serve`, and whether it is reachable beyond this machine
+    (not loopback); DreamError in one line for an unknown host or a port in use, before any model loads."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise DreamError(f"cannot listen on {host}: not an address or a known host name ({exc})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        busy = exc.errno == errno.EADDRINUSE
+        hint = " (another server is using the port; choose another with --port)" if busy else ""
+        raise DreamError(f"cannot listen on {host}:{port}: {exc.strerror or exc}{hint}") from None
+    return sock, not ipaddress.ip_address(address[0].split("%")[0]).is_loopback
 
 
 def model_paths(*names: str):

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from dreamlm.tokenizer import SURROGATE
 
 # Absolute bounds in the schema; the server's own (configurable, lower) caps are checked per request.
 MAX_TOKENS_BOUND = 1 << 20
@@ -16,6 +18,19 @@ MAX_SEED = (1 << 63) - 1
 
 Alg = Literal["origin", "maskgit_plus", "topk_margin", "entropy"]
 Cache = Literal["none", "prefix", "dual"]
+
+
+def unicode_text(value: Any) -> Any:
+    """`value` unchanged, or ValueError (a 400 naming the field) when a string in it holds a lone UTF-16 surrogate:
+    JSON can spell one ("\\ud800"), but it is not text and no tokenizer can encode it."""
+    texts = [value] if isinstance(value, str) else [v for v in value if isinstance(v, str)] \
+        if isinstance(value, list) else []
+    for text in texts:
+        lone = SURROGATE.search(text)
+        if lone:
+            raise ValueError(f"holds a lone UTF-16 surrogate ({lone.group(0)!r} at character {lone.start()}); send "
+                             "valid Unicode text")
+    return value
 
 
 class StreamOptions(BaseModel):
@@ -59,6 +74,8 @@ class DiffusionFields(BaseModel):
     stream_steps: bool = Field(False, description="With stream: also send one `event: dreamlm.step` per "
                                "denoising step with the whole canvas.")
 
+    _unicode = field_validator("*")(unicode_text)  # every text field, the subclasses' (prompt, suffix) included
+
 
 class CompletionRequest(DiffusionFields):
     """POST /v1/completions. A prompt holding `<|mask|>` / `<|mask:N|>` spans is a template: the spans are filled
@@ -79,6 +96,8 @@ class ContentPart(BaseModel):
     type: Literal["text"]
     text: str
 
+    _unicode = field_validator("text")(unicode_text)
+
 
 class ChatMessage(BaseModel):
     """One chat message."""
@@ -87,6 +106,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer"]
     content: Union[str, list[ContentPart]]
     name: Optional[str] = None
+
+    _unicode = field_validator("content", "name")(unicode_text)
 
     def text(self) -> str:
         """The content as one string."""

@@ -34,9 +34,28 @@ class Score:
     n: int
 
 
+def cpu_name() -> str:
+    """The CPU's model name as the kernel reports it ("CPU" when it does not)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
+
+
 def machine() -> str:
-    """One line naming the machine and torch."""
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    """One line naming the machine, its native bf16 (what `--dtype auto` goes by) and torch."""
+    from dreamlm.precision import cpu_bf16_features
+
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name(0)
+    else:
+        features = cpu_bf16_features()
+        bf16 = ", ".join(features) + ("" if "amx_bf16" in features else ", no AMX") if features else "none"
+        threads = torch.get_num_threads()
+        device = f"{cpu_name()} ({threads} thread{'s' if threads != 1 else ''}; native bf16: {bf16})"
     return f"{platform.machine()} {device}, torch {torch.__version__}"
 
 
@@ -45,6 +64,12 @@ def available_tasks(tasks: list[str] | None = None) -> list[str]:
     names = tasks or PLANNING_TASKS
     return [t for t in names if (bundled_model_dir(f"{t}-diffusion") / "config.json").is_file()
             and (bundled_model_dir(f"{t}-ar") / "config.json").is_file()]
+
+
+def require_pair(task: str) -> None:
+    """DreamError unless the task's bundled diffusion and AR models both exist."""
+    if not available_tasks([task]):
+        raise DreamError(f"no bundled {task} models (diffusion and AR) to benchmark")
 
 
 def score(solver: Solver, puzzles: list[str], batch: int = 64, **kwargs: Any) -> Score:
@@ -68,7 +93,7 @@ def _nothing(n: int = 1, label: str | None = None) -> None:
 
 
 def star_grid(n: int, shapes: tuple[tuple[int, int], ...] = STAR_GRID,
-              advance: Callable[..., None] = _nothing) -> dict[str, Any]:
+              advance: Callable[..., None] = _nothing, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Diffusion vs AR on held-out star graphs of each shape G(d, l), each solved by the bundled pair that
     `dreamlm solve path` picks for it (its own, or one of more arms or longer arms, see `bundled_solver_dir`);
     shapes no bundled pair covers are left out."""
@@ -84,7 +109,7 @@ def star_grid(n: int, shapes: tuple[tuple[int, int], ...] = STAR_GRID,
         entry: dict[str, Any] = {"models": {kind: path.name for kind, path in paths.items()}}
         for kind, path in paths.items():
             if path not in solvers:  # one load per model, whatever shapes it serves
-                solvers[path] = Solver(path)
+                solvers[path] = Solver(path, dtype=dtype)
             entry[kind] = vars(score(solvers[path], puzzles))
         grid[name] = entry
         advance(label=name)
@@ -93,9 +118,9 @@ def star_grid(n: int, shapes: tuple[tuple[int, int], ...] = STAR_GRID,
 
 def planning(n: int = 200, tasks: list[str] | None = None, out_dir: Path | None = None,
              steps_fractions: tuple[float, ...] = (0.25, 0.5, 1.0), grid: bool = True,
-             advance: Callable[..., None] = _nothing) -> dict[str, Any]:
+             advance: Callable[..., None] = _nothing, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Diffusion vs AR on each task's held-out split (and Countdown's OOD split); diffusion accuracy vs steps; with
-    `grid`, diffusion vs AR on star graphs of every shape in STAR_GRID."""
+    `grid`, diffusion vs AR on star graphs of every shape in STAR_GRID. Every model runs in `dtype`."""
     names = available_tasks(tasks)
     if not names:
         raise DreamError("no bundled planning models found (train them with recipes/planning first)")
@@ -103,8 +128,8 @@ def planning(n: int = 200, tasks: list[str] | None = None, out_dir: Path | None 
     for name in names:
         task = get_task(name)
         splits = ["test"] + (["ood"] if task.has_ood else [])
-        diffusion = Solver(bundled_model_dir(f"{name}-diffusion"))
-        ar = Solver(bundled_model_dir(f"{name}-ar"))
+        diffusion = Solver(bundled_model_dir(f"{name}-diffusion"), dtype=dtype)
+        ar = Solver(bundled_model_dir(f"{name}-ar"), dtype=dtype)
         entry: dict[str, Any] = {}
         for split in splits:
             puzzles = [e["input"] for e in make_examples(name, n, TEST_SEED, split)]
@@ -118,9 +143,10 @@ def planning(n: int = 200, tasks: list[str] | None = None, out_dir: Path | None 
         entry["steps_curve"] = curve
         results[name] = entry
         advance(label=name)
-    report = {"machine": machine(), "command": "dreamlm " + " ".join(sys.argv[1:]), "n": n, "results": results}
+    report = {"machine": machine(), "command": "dreamlm " + " ".join(sys.argv[1:]), "n": n,
+              "dtype": str(dtype).removeprefix("torch."), "results": results}
     if grid:
-        report["star_grid"] = star_grid(n, advance=advance)
+        report["star_grid"] = star_grid(n, advance=advance, dtype=dtype)
     if out_dir is not None:
         write_planning_report(report, out_dir)
     return report
@@ -159,6 +185,7 @@ def write_planning_report(report: dict[str, Any], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     table = planning_table(report)
     (out_dir / "planning.md").write_text(f"`{report['command']}` on {report['machine']}, "
+                                         f"{report.get('dtype', 'float32')}, "
                                          f"{report['n']} held-out puzzles per split\n\n{table}\n")
     (out_dir / "planning.json").write_text(json.dumps(report, indent=2) + "\n")
     import matplotlib
@@ -233,15 +260,22 @@ def _generated_tokens(solver: Solver, puzzles: list[str], solutions: list) -> in
 
 def speed(task: str = "sudoku4", n: int = 100, out_dir: Path | None = None,
           shape: dict[str, int] | None = None, compile: bool = False,  # noqa: A002
+          dtype: torch.dtype = torch.float32, large: bool = True, train_steps: int = 2, curve_steps: int = 100,
           advance: Callable[..., None] = _nothing) -> dict[str, Any]:
-    """Vanilla Dream sampling vs each fast mode vs the same-size AR model with a KV cache, on one task's held-out
-    split, one puzzle at a time (latency) — plus a random-weight throughput run at `shape`. With `compile`, also
-    the torch.compile'd static-shape path (compilation is done in a warm-up, outside the timing)."""
-    if not available_tasks([task]):
-        raise DreamError(f"no bundled {task} models (diffusion and AR) to benchmark")
+    """Side by side in one run, decoding in `dtype`: (1) vanilla Dream sampling vs each fast mode vs the same-size
+    AR model with a KV cache, on one task's held-out split, one puzzle at a time; (2) training tokens/s in fp32 vs
+    bf16 autocast on the small random shape and (with `large`) SmolLM2-135M's, and the loss curves of both
+    precisions over `curve_steps` steps of a tiny model (0: none); (3) decoding tokens/s of the diffusion fast path
+    vs transformers' AR `generate` at `dtype` on the small shape (`shape`: hidden, layers, batch, new_tokens after a
+    64-token prompt, per_forward) and on SmolLM2-135M's (batch 1, 192 new tokens). With `compile`, also the
+    torch.compile'd paths (compilation done in a warm-up, outside the timing)."""
+    from dreamlm.throughput import SMOLLM2_135M, decode_throughput, loss_curves, small_shape, train_throughput
+
+    require_pair(task)
+    shape = {"hidden": 256, "layers": 4, "batch": 4, "new_tokens": 448, "per_forward": 4, **(shape or {})}
     puzzles = [e["input"] for e in make_examples(task, n, TEST_SEED, "test")]
-    diffusion = Solver(bundled_model_dir(f"{task}-diffusion"))
-    ar = Solver(bundled_model_dir(f"{task}-ar"))
+    diffusion = Solver(bundled_model_dir(f"{task}-diffusion"), dtype=dtype)
+    ar = Solver(bundled_model_dir(f"{task}-ar"), dtype=dtype)
     rows = []
     modes = dict(FAST_MODES)
     if compile:
@@ -256,8 +290,21 @@ def speed(task: str = "sudoku4", n: int = 100, out_dir: Path | None = None,
     for row in rows:
         row["speedup_vs_vanilla"] = base["seconds"] / row["seconds"]
         row["passes_reduction"] = base["forward_passes"] / row["forward_passes"]
-    report = {"machine": machine(), "command": "dreamlm " + " ".join(sys.argv[1:]), "task": task, "n": n,
-              "rows": rows, "throughput": throughput(**(shape or {}), compile=compile)}
+    small = small_shape(shape["hidden"], shape["layers"])
+    shapes = [small] + ([SMOLLM2_135M] if large else [])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    report: dict[str, Any] = {"machine": machine(), "command": "dreamlm " + " ".join(sys.argv[1:]), "task": task,
+                              "n": n, "dtype": str(dtype).removeprefix("torch."), "rows": rows}
+    report["training"] = [train_throughput(s, steps=train_steps, device=device, advance=advance) for s in shapes]
+    if curve_steps:
+        report["loss_curves"] = loss_curves(curve_steps, device=device, advance=advance)
+    report["decode"] = [decode_throughput(small, batch=shape["batch"], new_tokens=shape["new_tokens"],
+                                          per_forward=shape["per_forward"], dtype=dtype, device=device,
+                                          vanilla=False, compile=compile, advance=advance)]
+    if large:  # one row and a 256-token canvas: on a CPU the 4 x 512 canvas takes many minutes at this size
+        report["decode"].append(decode_throughput(SMOLLM2_135M, batch=1, new_tokens=192,
+                                                  per_forward=shape["per_forward"], dtype=dtype, device=device,
+                                                  vanilla=False, advance=advance))
     if out_dir is not None:
         write_speed_report(report, out_dir)
     return report
@@ -274,91 +321,50 @@ def _speed_row(label: str, solver: Solver, puzzles: list[str], options: dict[str
             "seconds": seconds}
 
 
-def throughput(hidden: int = 256, layers: int = 4, vocab: int = 4096, prompt: int = 64, new_tokens: int = 256,
-               per_forward: int = 4, block_length: int = 32, dtype: str = "float32",
-               compile: bool = False) -> dict[str, Any]:  # noqa: A002
-    """Random weights: diffusion forced to commit `per_forward` tokens per pass (dual cache, blocks) vs AR with a
-    KV cache, batch 1 — the machinery's speed without accuracy (with `compile`, also the compiled no-cache path)."""
-    from dreamlm.config import DreamConfig
-    from dreamlm.model import DreamModel
-    from dreamlm.sampling import diffusion_generate
-    from dreamlm.sampling.autoregressive import ar_generate
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    heads = max(1, hidden // 64)
-    config = DreamConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 64 * 64,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 4),
-                         max_position_embeddings=prompt + new_tokens + 8, mask_token_id=vocab - 1,
-                         pad_token_id=vocab - 2, bos_token_id=vocab - 2, eos_token_id=vocab - 2)
-    model = DreamModel(config).init_weights(0).to(device=device, dtype=getattr(torch, dtype)).eval()
-    x = torch.randint(0, vocab - 2, (1, prompt), device=device)
-    steps = new_tokens // per_forward
-    runs = {
-        "diffusion vanilla": dict(steps=new_tokens),
-        f"diffusion {per_forward}/pass, blocks {block_length}, dual cache": dict(
-            steps=steps, block_length=block_length, cache="dual"),
-    }
-    if compile:
-        runs[f"diffusion {per_forward}/pass, blocks {block_length}, no cache, compiled"] = dict(
-            steps=steps, block_length=block_length, compile=True)
-    out: dict[str, Any] = {"shape": {"hidden": hidden, "layers": layers, "vocab": vocab, "prompt": prompt,
-                                     "new_tokens": new_tokens, "dtype": dtype, "device": device}, "rows": []}
-    for label, kw in runs.items():
-        diffusion_generate(model, x, max_new_tokens=new_tokens, alg="maskgit_plus", **{**kw, "steps": kw["steps"]})
-        seconds = _timed(lambda: diffusion_generate(model, x, max_new_tokens=new_tokens, alg="maskgit_plus", **kw))
-        out["rows"].append({"mode": label, "forward_passes": kw["steps"], "tokens_per_second": new_tokens / seconds})
-    model.causal = True
-    ar_generate(model, x, new_tokens, stop_at_eos=False)
-    seconds = _timed(lambda: ar_generate(model, x, new_tokens, stop_at_eos=False))
-    out["rows"].append({"mode": "AR, KV cache", "forward_passes": new_tokens, "tokens_per_second": new_tokens / seconds})
-    hf = _transformers_ar_tokens_per_second(model, x, new_tokens)
-    if hf is not None:
-        out["rows"].append({"mode": "transformers Qwen2 generate (reference)", "forward_passes": new_tokens,
-                            "tokens_per_second": hf})
-    return out
-
-
-def _transformers_ar_tokens_per_second(model, x: torch.Tensor, new_tokens: int) -> float | None:
-    """The same weights in transformers' Qwen2ForCausalLM, greedy generate with its cache; None if absent."""
-    try:
-        import transformers
-    except ImportError:
-        return None
-    c = model.config
-    hf_config = transformers.Qwen2Config(vocab_size=c.vocab_size, hidden_size=c.hidden_size,
-                                         intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
-                                         num_attention_heads=c.num_attention_heads,
-                                         num_key_value_heads=c.num_key_value_heads,
-                                         max_position_embeddings=c.max_position_embeddings, rope_theta=c.rope_theta,
-                                         rms_norm_eps=c.rms_norm_eps, tie_word_embeddings=False)
-    hf = transformers.Qwen2ForCausalLM(hf_config).to(device=x.device, dtype=model.dtype).eval()
-    hf.load_state_dict(model.state_dict(), strict=False)
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        hf.generate(x, **kwargs)
-        seconds = _timed(lambda: hf.generate(x, **kwargs))
-    return new_tokens / seconds
-
-
 def speed_table(report: dict[str, Any]) -> str:
     """Markdown tables of a speed report."""
-    lines = [f"Task {report['task']}, {report['n']} held-out puzzles, batch 1:", "",
+    lines = [f"Task {report['task']}, {report['n']} held-out puzzles, batch 1, {report.get('dtype', 'float32')}:", "",
              "| mode | accuracy | forward passes | passes ÷ | ms/solution | tokens/s | speed-up |",
              "|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         lines.append(f"| {r['mode']} | {100 * r['accuracy']:.1f} % | {r['forward_passes']:.1f} | "
                      f"{r['passes_reduction']:.1f}× | {r['ms_per_solution']:.1f} | {r['tokens_per_second']:.0f} | "
                      f"{r['speedup_vs_vanilla']:.2f}× |")
-    t = report["throughput"]
-    lines += ["", f"Throughput on random weights ({t['shape']}):", "", "| mode | forward passes | tokens/s |",
-              "|---|---|---|"]
-    for r in t["rows"]:
-        lines.append(f"| {r['mode']} | {r['forward_passes']} | {r['tokens_per_second']:.0f} |")
+    if report.get("training"):
+        t0 = report["training"][0]
+        lines += ["", f"Training tokens/s, diffusion loss, batch {t0['batch']} x {t0['seq']}, AdamW; median of "
+                  f"{t0['steps']} steps after a warm-up, fp32 and bf16 steps interleaved (bf16: autocast over fp32 "
+                  "weights and optimizer state):", "",
+                  "| shape | parameters | fp32 tokens/s | bf16 tokens/s | bf16 ÷ fp32 |", "|---|---:|---:|---:|---:|"]
+        for t in report["training"]:
+            fp32, bf16 = (r["tokens_per_second"] for r in t["rows"])
+            lines.append(f"| {t['shape']} | {t['parameters'] / 1e6:.1f} M | {fp32:.0f} | {bf16:.0f} | "
+                         f"{t['bf16_vs_fp32']:.2f}× |")
+    curves = report.get("loss_curves")
+    if curves:
+        tail = max(1, len(curves["fp32"]) // 10)
+        ends = {p: statistics.mean(curves[p][-tail:]) for p in ("fp32", "bf16")}
+        gap = max(abs(a - b) for a, b in zip(curves["fp32"], curves["bf16"]))
+        lines += ["", f"Loss curves, {curves['model']} ({curves['parameters'] / 1e6:.2f} M), {curves['steps']} steps of "
+                  f"{curves['batch']} x {curves['seq']} on {curves['data']}, same seed, data and masks:", "",
+                  "| precision | first loss | mean of the last 10 % | largest step-wise gap to fp32 |",
+                  "|---|---:|---:|---:|"]
+        for p in ("fp32", "bf16"):
+            lines.append(f"| {p} | {curves[p][0]:.3f} | {ends[p]:.3f} | {'' if p == 'fp32' else f'{gap:.3f}'} |")
+    for d in report.get("decode", []):
+        lines += ["", f"Decoding {d['shape']} ({d['parameters'] / 1e6:.1f} M, random weights), batch {d['batch']}, "
+                  f"{d['prompt']}-token prompt + {d['new_tokens']} new = {d['canvas']}-token canvas, {d['dtype']}:", "",
+                  "| mode | forward passes | tokens/s | vs transformers |", "|---|---:|---:|---:|"]
+        hf = d["rows"][-1]["tokens_per_second"]
+        for r in d["rows"]:
+            lines.append(f"| {r['mode']} | {r['forward_passes']} | {r['tokens_per_second']:.0f} | "
+                         f"{r['tokens_per_second'] / hf:.2f}× |")
     return "\n".join(lines)
 
 
 def write_speed_report(report: dict[str, Any], out_dir: Path) -> None:
-    """speed.md, speed.json and speed.png (accuracy against tokens/s) under out_dir."""
+    """speed.md, speed.json and speed.png (accuracy against tokens/s; training tokens/s and loss curves by
+    precision; decoding tokens/s by mode) under out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "speed.md").write_text(f"`{report['command']}` on {report['machine']}\n\n{speed_table(report)}\n")
     (out_dir / "speed.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -367,15 +373,54 @@ def write_speed_report(report: dict[str, Any], out_dir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    ax = axes[0][0]
     for r in report["rows"]:
         ax.scatter(r["tokens_per_second"], 100 * r["accuracy"], s=40)
         ax.annotate(r["mode"], (r["tokens_per_second"], 100 * r["accuracy"]), fontsize=7,
                     xytext=(4, 4), textcoords="offset points")
-    ax.set_xlabel("tokens/s (batch 1)")
+    ax.set_xlabel(f"tokens/s (batch 1, {report.get('dtype', 'float32')})")
     ax.set_ylabel(f"{report['task']} held-out accuracy (%)")
     ax.set_xscale("log")
     ax.grid(alpha=0.3)
+    ax = axes[0][1]
+    training = report.get("training", [])
+    for k, p in enumerate(("fp32", "bf16")):
+        ax.bar([i + 0.4 * k - 0.2 for i in range(len(training))],
+               [t["rows"][k]["tokens_per_second"] for t in training], width=0.4, label=p)
+    ax.set_xticks(range(len(training)), [t["shape"] for t in training])
+    ax.set_ylabel("training tokens/s")
+    ax.set_yscale("log")
+    ax.set_title("training: fp32 vs bf16 autocast")
+    ax.legend()
+    ax = axes[1][0]
+    curves = report.get("loss_curves")
+    if curves:
+        window = max(1, len(curves["fp32"]) // 10)  # the 1/t-weighted loss of one batch is noisy: a moving mean too
+        for p, color in (("fp32", "tab:blue"), ("bf16", "tab:orange")):
+            ys = curves[p]
+            ax.plot(range(1, len(ys) + 1), ys, color=color, alpha=0.3, linewidth=0.8)
+            mean = [statistics.mean(ys[max(0, i + 1 - window):i + 1]) for i in range(len(ys))]
+            ax.plot(range(1, len(ys) + 1), mean, color=color, linestyle="-" if p == "fp32" else "--",
+                    label=f"{p} (mean of {window} steps)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("diffusion loss (1/t weighted)")
+        ax.set_title(f"loss curves, same seed and data ({curves['model']})")
+        ax.legend()
+    ax = axes[1][1]
+    decode = report.get("decode", [])
+    modes = list(dict.fromkeys(r["mode"] for d in decode for r in d["rows"]))
+    width = 0.8 / max(len(modes), 1)
+    for k, mode in enumerate(modes):
+        xs = [i for i, d in enumerate(decode) if any(r["mode"] == mode for r in d["rows"])]
+        ys = [next(r["tokens_per_second"] for r in decode[i]["rows"] if r["mode"] == mode) for i in xs]
+        ax.bar([x + width * k - 0.4 + width / 2 for x in xs], ys, width=width, label=mode)
+    ax.set_xticks(range(len(decode)), [f"{d['shape']}, {d['batch']} x {d['canvas']}" for d in decode])
+    ax.set_ylabel(f"decoding tokens/s ({report.get('dtype', 'float32')})")
+    ax.set_yscale("log")
+    ax.set_title("diffusion fast path vs AR generate")
+    ax.legend(fontsize=7)
+    fig.suptitle(report["machine"], fontsize=9)
     fig.tight_layout()
     fig.savefig(out_dir / "speed.png", dpi=120)
     plt.close(fig)

@@ -755,7 +755,7 @@ def bench_speed(task: str = typer.Option("sudoku4", help="Planning task whose bu
                 ) -> None:
     """Decoding modes on a task (accuracy, passes, latency); training tokens/s fp32 vs bf16 with their loss curves;
     the diffusion fast path vs transformers' AR generate, at --dtype, on a small shape and SmolLM2-135M's."""
-    from dreamlm.bench import speed, speed_table
+    from dreamlm.bench import require_pair, speed, speed_table
 
     with user_errors():
         for name, value in (("--n", n), ("--hidden", hidden), ("--layers", layers), ("--batch", batch),
@@ -770,6 +770,7 @@ def bench_speed(task: str = typer.Option("sudoku4", help="Planning task whose bu
 
         precision = choose_precision(dtype, "cuda" if torch.cuda.is_available() else None)  # where the runs go
         output_dir(out_dir)
+        require_pair(task)
         announce(precision)
         with progress("bench speed") as advance:
             report = speed(task, n, out_dir, dict(hidden=hidden, layers=layers, batch=batch, new_tokens=new_tokens,

@@ -123,13 +123,14 @@ def write_task_file(path: str | Path, task: str, seq_len: int, separator: str, c
 class Solver:
     """Loads a planning model and solves puzzles with it (diffusion or, for causal models, AR decoding)."""
 
-    def __init__(self, model_dir: str | Path, device: str | None = None) -> None:
+    def __init__(self, model_dir: str | Path, device: str | None = None,
+                 dtype: torch.dtype | str = torch.float32) -> None:
         model_dir = Path(model_dir)
         meta_file = model_dir / TASK_FILE
         if not meta_file.is_file():
             raise DreamError(f"{model_dir} is not a planning model (no {TASK_FILE})")
         meta = read_task_file(meta_file)
-        model = DreamModel.from_pretrained(model_dir, dtype=torch.float32, device=device)
+        model = DreamModel.from_pretrained(model_dir, dtype=dtype, device=device)
         if model.tokenizer is None:
             raise DreamError(f"{model_dir} has no tokenizer")
         self._setup(model, meta, str(model_dir))

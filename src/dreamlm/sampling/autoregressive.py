@@ -11,6 +11,7 @@ import torch
 
 from dreamlm.errors import DreamError
 from dreamlm.model import KVCache
+from dreamlm.sampling.generate import sampler_logits
 
 if TYPE_CHECKING:
     from dreamlm.model import DreamModel
@@ -46,8 +47,9 @@ def ar_generate(model: "DreamModel", input_ids: torch.Tensor, max_new_tokens: in
         else:
             logits = model(x[:, pos - 1:pos], cache=kv, start=pos - 1)[:, 0]
         passes += 1
+        logits = sampler_logits(logits)
         if temperature > 0:
-            token = torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1, generator=generator)[:, 0]
+            token = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
         else:
             token = logits.argmax(-1)
         x[:, pos] = torch.where(ended, torch.full_like(token, fill), token)

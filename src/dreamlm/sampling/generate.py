@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from dreamlm.model import DreamModel
 
 __all__ = ["Alg", "CacheMode", "Constraints", "DecodeState", "DreamGenerationOutput", "SamplerOptions", "advance",
-           "compiled", "diffusion_generate", "plan", "sample_tokens", "shift_logits"]
+           "compiled", "diffusion_generate", "plan", "sample_tokens", "sampler_logits", "shift_logits"]
 
 TokensHook = Callable[[int | None, torch.Tensor, torch.Tensor | None], torch.Tensor]
 LogitsHook = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -60,6 +60,13 @@ class DreamGenerationOutput:
 def shift_logits(logits: torch.Tensor) -> torch.Tensor:
     """Re-align AR-convention logits: aligned[:, 0] = logits[:, 0], aligned[:, j] = logits[:, j - 1]."""
     return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+
+
+def sampler_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Logits as the sampler computes with them: bf16/fp16 upcast to float32 (float32 and float64 unchanged)."""
+    # a bf16 model's logits carry 8 significant bits; softmax, entropy, margins, Gumbel draws and the top-p
+    # cumulative sum need fp32 so that Dream's semantics (ties, thresholds, the nucleus edge) hold in either precision
+    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
 
 
 def top_p_logits(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -336,6 +343,8 @@ class DecodeState:
         shifted (B, N, V) when `wants_full_logits`, or None when there was nothing to score."""
         rows, cols = self._targets
         full = None
+        if logits is not None:
+            logits = sampler_logits(logits)  # the one place model logits enter the sampler
         if self.wants_full_logits:
             full = logits
             if self.logits_hook is not None:

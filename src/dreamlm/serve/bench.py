@@ -35,7 +35,7 @@ def free_port() -> int:
 class ServerProcess:
     """`dreamlm serve MODEL` in a child process, on a free port, until `close`."""
 
-    def __init__(self, model_dir: Path, batching: bool, threads: int | None = None) -> None:
+    def __init__(self, model_dir: Path, batching: bool, threads: int | None = None, dtype: str = "float32") -> None:
         import httpx
 
         self.port = free_port()
@@ -44,7 +44,8 @@ class ServerProcess:
         if threads is not None:
             env["OMP_NUM_THREADS"] = str(threads)
         cmd = [sys.executable, "-m", "dreamlm", "serve", str(model_dir), "--port", str(self.port),
-               "--max-queue", "4096", "--log-level", "warning", "--batching" if batching else "--no-batching"]
+               "--max-queue", "4096", "--log-level", "warning", "--batching" if batching else "--no-batching",
+               "--dtype", dtype]
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 120
         while True:
@@ -125,16 +126,17 @@ def probe(url: str, model: str, max_tokens: int, temperature: float, prompt: str
 
 
 def serve_bench(model_dir: Path, levels: tuple[int, ...] = LEVELS, max_tokens: int = 32, temperature: float = 0.0,
-                requests_per_client: int = 4, out_dir: Path | None = None, prompt: str = PROMPT) -> dict[str, Any]:
-    """Both servers at every level; the report (and files in out_dir)."""
+                requests_per_client: int = 4, out_dir: Path | None = None, prompt: str = PROMPT,
+                dtype: str = "float32") -> dict[str, Any]:
+    """Both servers (weights in `dtype`) at every level; the report (and files in out_dir)."""
     from dreamlm.bench import machine
 
     model = Path(model_dir).resolve().name
     report: dict[str, Any] = {"machine": machine(), "command": "dreamlm " + " ".join(sys.argv[1:]), "model": model,
                               "max_tokens": max_tokens, "steps": max_tokens, "temperature": temperature, "prompt": prompt,
-                              "rows": []}
+                              "dtype": dtype, "rows": []}
     for batching in (True, False):
-        server = ServerProcess(Path(model_dir), batching)
+        server = ServerProcess(Path(model_dir), batching, dtype=dtype)
         try:
             probe(server.url, model, max_tokens, temperature, prompt)
             asyncio.run(_level(server.url, model, 4, 8, max_tokens, temperature, 10**6, prompt))  # warm-up
@@ -156,7 +158,8 @@ def serve_bench(model_dir: Path, levels: tuple[int, ...] = LEVELS, max_tokens: i
 def serve_table(report: dict[str, Any]) -> str:
     """Markdown table of a report."""
     lines = [f"`{report['command']}` on {report['machine']}", "",
-             f"Model {report['model']}, {report['max_tokens']} tokens per request, one step per token, temperature "
+             f"Model {report['model']} in {report.get('dtype', 'float32')}, {report['max_tokens']} tokens per request, "
+             f"one step per token, temperature "
              f"{report['temperature']}, a seed per request, prompt {json.dumps(report['prompt'])}.", "",
              "| batching | concurrency | requests | errors | requests/s | tokens/s | p50 ms | p99 ms | tokens/s vs off |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -191,7 +194,7 @@ def write_serve_report(report: dict[str, Any], out_dir: Path) -> None:
         ax.set_xlabel("concurrent clients")
         ax.set_title(title)
         ax.legend()
-    fig.suptitle(f"dreamlm serve, {report['model']}")
+    fig.suptitle(f"dreamlm serve, {report['model']} ({report.get('dtype', 'float32')})")
     fig.tight_layout()
     fig.savefig(out_dir / "serve.png", dpi=110)
     plt.close(fig)

@@ -280,7 +280,8 @@ def issue_cases(f: dict[str, Path]) -> list[list[str]]:
 
     if not torch.cuda.is_available():  # a CPU build (or a machine without a GPU)
         out.append([*train, "--set", "run.device=cuda"])
-    for verb in (["generate", "Hello", "-m", TINY], ["infill", "a <|mask:2|> b", "-m", TINY], ["solve", "sudoku", PUZZLE]):
+    for verb in (["generate", "Hello", "-m", TINY], ["infill", "a <|mask:2|> b", "-m", TINY],
+                 ["solve", "sudoku", PUZZLE]):
         out.append([*verb, "--steps", "100000"])
     return out
 
@@ -439,14 +440,15 @@ def test_each_sweep_case_says_what_is_wrong(files):
         "gradients and AdamW, plus the fp32 logits of optim.batch_size=100000000 x data.seq_len=40 x vocab 16)")
     assert refusal([*train, "--set", f"optim.max_steps={10**23}"]) == \
         f"train config: optim.max_steps={10**23} is too large (integers must be below 2**63)"
-    assert refusal([*train, "--set", "run.stop_at=-3"]) == "train config: run.stop_at must be >= 0 (0 = never stop early)"
+    assert refusal([*train, "--set", "run.stop_at=-3"]) == \
+        "train config: run.stop_at must be >= 0 (0 = never stop early)"
     assert refusal([*train, "--set", f"data.train={files['empty_dir']}"]) == \
         f"data folder {files['empty_dir']} holds no files"
     assert refusal(["train", str(files["section_toml"])]) == "train config: unknown section [bogus]"  # not markup
     assert refusal(["solve", "countdown", "a,b,c,d"]).startswith("a countdown puzzle must be comma-separated")
     assert "lone UTF-16 surrogate ('\\udcff' at character 1)" in refusal(["generate", "a\udcffb", "-m", TINY])
-    assert refusal(["bench", "serve", "--max-tokens", "5000"]) == ("--max-tokens must be at most 255 (the server's "
-                                                                   "cap of 1024 and this model's context of 256), got 5000")
+    assert refusal(["bench", "serve", "--max-tokens", "5000"]) == \
+        "--max-tokens must be at most 255 (the server's cap of 1024 and this model's context of 256), got 5000"
     assert not (runs / "new").exists() and not (runs / "c").exists()
 
 
@@ -482,7 +484,8 @@ def test_serve_refuses_an_empty_key_variable_and_a_busy_port_and_warns_when_expo
     monkeypatch.setattr(uvicorn.Server, "run", run)
     for host, key, warned in (("0.0.0.0", None, True), ("0.0.0.0", "k", False), ("127.0.0.1", None, False),
                               ("localhost", None, False)):
-        result = runner.invoke(app, ["serve", TINY, "--host", host, "--port", "0", *(["--api-key", key] if key else [])],
+        keyed = ["--api-key", key] if key else []
+        result = runner.invoke(app, ["serve", TINY, "--host", host, "--port", "0", *keyed],
                                env={"DREAMLM_API_KEY": None})
         assert result.exit_code == 0, result.stderr
         assert ("warning: " in result.stderr) == warned, (host, key, result.stderr)
@@ -575,7 +578,8 @@ TEXT_FIELDS = {  # where a string goes in a request, and the parameter the 400 n
        code=st.integers(0xD800, 0xDFFF), stream=st.booleans())
 def test_a_lone_surrogate_in_any_text_field_is_a_400(http, field, text, position, code, stream):
     path, build, param = TEXT_FIELDS[field]
-    body = {"model": "tiny-dream", "max_tokens": 2, "stream": stream, **build(with_lone_surrogate(text, position, code))}
+    fields = build(with_lone_surrogate(text, position, code))
+    body = {"model": "tiny-dream", "max_tokens": 2, "stream": stream, **fields}
     if "<|mask" in json.dumps(body.get("prompt", "")):
         body.pop("max_tokens")
     r = http.post(path, content=json.dumps(body), headers={"content-type": "application/json"})  # "\ud8xx" escapes

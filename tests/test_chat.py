@@ -65,7 +65,7 @@ def test_chat_bench_scores_every_method_on_tiny_models(tiny_dir, monkeypatch):
 
     real = bench.check_answer
     monkeypatch.setattr(bench, "check_answer", lambda p, a: seen.append(a) or real(p, a))
-    report = chat_bench(diffusion, ar, n=3, max_new_tokens=4, per_step=(1, 2, 4))
+    report = chat_bench(diffusion, ar, n=3, max_new_tokens=4, per_step=(1, 2, 4), bodies=False)
     assert list(report["methods"]) == ["AR", "diffusion, 1 token/step", "diffusion, 2 tokens/step",
                                        "diffusion, 4 tokens/step"]
     assert len(seen) == 4 * 3
@@ -76,3 +76,19 @@ def test_chat_bench_scores_every_method_on_tiny_models(tiny_dir, monkeypatch):
         chat_bench(diffusion, ar, n=1, max_new_tokens=5, per_step=(2,))
     with pytest.raises(DreamError, match="causal"):
         chat_bench(diffusion, diffusion, n=1)
+
+
+def test_body_bench_runs_every_written_body_against_its_tests(tiny_dir, monkeypatch):
+    import dreamlm.chat_bench as bench
+    import dreamlm.chatset as chatset
+
+    diffusion = DreamModel.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    ar = DreamModel.from_pretrained(tiny_dir, dtype=torch.float32, causal=True).eval()
+    ran = []
+    real = chatset.check_code
+    monkeypatch.setattr(chatset, "check_code", lambda code, tests: ran.append(code) or real(code, tests))
+    report = bench.body_bench(diffusion, ar, masks=(4,), max_new_tokens=4, limit=2)
+    assert list(report["methods"]) == ["AR (prefix only)", "diffusion, 4 masks"] and len(ran) == 4
+    assert all(code.startswith("def reverse_string(s):") or code.startswith("def is_even(n):") for code in ran)
+    assert all(m["pass_rate"] == 0.0 for m in report["methods"].values())  # random weights write no working body
+    assert bench.body_prefix("square", "x", "returns x squared") == 'def square(x):\n    """Returns x squared."""\n'

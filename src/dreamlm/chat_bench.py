@@ -69,8 +69,9 @@ def run_method(name: str, prompts: list[ChatPrompt], answer: Callable[[ChatPromp
 
 def chat_bench(diffusion: DreamModel, ar: DreamModel, n: int | None = None, max_new_tokens: int = 64,
                per_step: tuple[int, ...] = (1, 2, 4), alg: str = "entropy",
-               advance: Callable[..., None] = lambda *a, **k: None) -> dict[str, Any]:
-    """Score the AR base and the diffusion model at each tokens-per-step on the held-out prompts."""
+               advance: Callable[..., None] = lambda *a, **k: None, bodies: bool = True) -> dict[str, Any]:
+    """Score the AR base and the diffusion model at each tokens-per-step on the held-out prompts (and, with
+    `bodies`, on whole function bodies run against unit tests: see body_bench)."""
     from dreamlm.bench import machine
 
     if diffusion.causal or diffusion.config.mask_token_id is None:
@@ -89,7 +90,9 @@ def chat_bench(diffusion: DreamModel, ar: DreamModel, n: int | None = None, max_
     for label, m in methods.items():
         kept = sum(a and r["right"] for a, r in zip(ar_right, m["cases"]))
         m["keeps_ar_right"] = kept / max(1, sum(ar_right))
+    body = body_bench(diffusion, ar, alg=alg, advance=advance) if bodies else None
     return {"command": "dreamlm " + " ".join(sys.argv[1:]) if sys.argv else "", "machine": machine(),
+            "bodies": body,
             "settings": {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "per_step": list(per_step),
                          "alg": alg, "decoding": "greedy (temperature 0)",
                          "dtype": str(diffusion.dtype).removeprefix("torch.")},
@@ -102,8 +105,13 @@ def chat_table(report: dict[str, Any]) -> str:
     for label, m in report["methods"].items():
         lines.append(f"| {label} | {m['accuracy']:.1%} | {m['keeps_ar_right']:.1%} | {m['tokens_per_s']:.1f} |")
     s = report["settings"]
-    return "\n".join(lines) + (f"\n\n{s['prompts']} held-out prompts, {s['max_new_tokens']}-token canvas, "
+    text = "\n".join(lines) + (f"\n\n{s['prompts']} held-out prompts, {s['max_new_tokens']}-token canvas, "
                                f"{s['decoding']}, {s['dtype']}; machine: {report['machine']}\n")
+    if report.get("bodies"):
+        b = report["bodies"]
+        text += f"\n| function bodies ({b['functions']}, unit tests in the sandbox) | pass rate |\n|---|---|\n"
+        text += "".join(f"| {label} | {m['pass_rate']:.1%} |\n" for label, m in b["methods"].items())
+    return text
 
 
 def write_chat_report(report: dict[str, Any], out_dir: Path) -> None:
@@ -126,3 +134,56 @@ def write_chat_report(report: dict[str, Any], out_dir: Path) -> None:
     fig.tight_layout()
     fig.savefig(out_dir / "chat.png", dpi=110)
     plt.close(fig)
+
+
+def body_prefix(name: str, args: str, does: str) -> str:
+    """The code before a function body: signature and a one-line docstring."""
+    return f'def {name}({args}):\n    """{does[0].upper()}{does[1:]}."""\n'
+
+
+def body_bench(diffusion: DreamModel, ar: DreamModel, masks: tuple[int, ...] = (16, 32), max_new_tokens: int = 48,
+               alg: str = "entropy", advance: Callable[..., None] = lambda *a, **k: None,
+               limit: int | None = None) -> dict[str, Any]:
+    """Whole function bodies (dreamlm.chatset.FUNCTIONS) written after their signature and docstring and run against
+    their unit tests in the sandbox: the diffusion model fills a canvas of k masks (it may fill the rest with EOS),
+    the AR base continues the prefix until EOS or the first line back at column 0. Returns the pass rates."""
+    from dreamlm.chatset import FUNCTIONS, check_code
+
+    functions = FUNCTIONS[:limit] if limit else FUNCTIONS
+    tok = diffusion.tokenizer
+    eos = diffusion.config.eos_token_id
+    methods: dict[str, dict[str, Any]] = {}
+
+    def score(label: str, write: Callable[[str], str]) -> None:
+        rows, began = [], time.perf_counter()
+        for name, args, does, tests in functions:
+            prefix = body_prefix(name, args, does)
+            code = prefix + write(prefix)
+            rows.append({"function": name, "code": code, "passed": check_code(code, tests)})
+            advance(1, label)
+        methods[label] = {"pass_rate": sum(r["passed"] for r in rows) / len(rows),
+                          "seconds": time.perf_counter() - began, "cases": rows}
+
+    def ar_body(prefix: str) -> str:
+        from dreamlm.sampling.autoregressive import ar_generate
+
+        x = torch.tensor([tok.encode(prefix)])
+        out, _ = ar_generate(ar, x, max_new_tokens)
+        text, _ = _answer(ar, out[0, x.shape[1]:].tolist())
+        kept = []
+        for line in text.split("\n"):
+            if line and not line[0].isspace():
+                break  # back at column 0: the function has ended
+            kept.append(line)
+        return "\n".join(kept) + "\n"
+
+    def diffusion_body(prefix: str, k: int) -> str:
+        x = torch.tensor([tok.encode(prefix)])
+        out = diffusion.diffusion_generate(x, max_new_tokens=k, steps=k, alg=alg, temperature=0.0)
+        ids = [i for i in out[0, x.shape[1]:].tolist() if i != eos]
+        return tok.decode(ids, skip_special_tokens=True) + "\n"
+
+    score("AR (prefix only)", ar_body)
+    for k in masks:
+        score(f"diffusion, {k} masks", lambda prefix, k=k: diffusion_body(prefix, k))
+    return {"functions": len(functions), "max_new_tokens": max_new_tokens, "methods": methods}

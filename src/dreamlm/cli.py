@@ -840,6 +840,7 @@ def bench_chat(model: str = typer.Option("smollm2", "--model", "-m", help="The d
                n: int = typer.Option(0, help="Held-out prompts to use (0: all)."),
                max_new_tokens: int = typer.Option(64, help="Canvas / answer length in tokens."),
                per_step: str = typer.Option("1,2,4", help="Comma-separated tokens committed per diffusion step."),
+               bodies: bool = typer.Option(True, help="Also write whole function bodies and run their unit tests."),
                alg: str = AlgOpt,
                dtype: str = typer.Option("auto", help="auto (bf16 where the CPU/GPU multiplies bf16 natively), "
                                                       "float32 or bfloat16."),
@@ -865,7 +866,7 @@ def bench_chat(model: str = typer.Option("smollm2", "--model", "-m", help="The d
         diffusion = DreamModel.from_pretrained(model_path(model), dtype=weights.dtype).eval()
         base = DreamModel.from_pretrained(model_path(ar), dtype=weights.dtype).eval()
         with progress("bench chat") as advance:
-            report = chat_bench(diffusion, base, n or None, max_new_tokens, ks, alg, advance)
+            report = chat_bench(diffusion, base, n or None, max_new_tokens, ks, alg, advance, bodies)
         write_chat_report(report, out_dir)
         print(chat_table(report))
         err.print(f"wrote {out_dir}/chat.(md|json|png)")

@@ -183,6 +183,13 @@ def cases(f: dict[str, Path]) -> list[list[str]]:
     out.append(["convert", TINY, str(f["dir"])])  # not empty: never overwritten
     out.append(["convert", TINY, under_file])
     out.append(["convert", str(f["text"]) + ".gguf", str(f["dir"] / "conv")])
+    for extra in (["--type", "q4_k"], ["--type", "int8"], ["--type", ""]):
+        out.append(["export", TINY, str(f["dir"] / "m.gguf"), *extra])
+    out.append(["export", TINY, str(f["dir"])])  # a folder where the file goes
+    out.append(["export", TINY, under_file])
+    out.append(["export", "/nonexistent", str(f["dir"] / "m.gguf")])
+    out.append(["export", str(f["badconfig"]), str(f["dir"] / "m.gguf")])
+    out.append(["export", "sudoku4-ar", str(f["dir"] / "m.gguf")])  # causal: not a Dream model
     out.append(["pull", "bogus"])
     out.append(["pull", "smollm2", "--gguf", str(f["dir"])])  # refused before the cache is looked at
     out.append(["train", str(f["badtoml"])])
@@ -364,8 +371,8 @@ def test_a_sudoku_without_a_solution_says_so_and_a_wrong_model_is_refused():
 def test_version_and_help_list_every_verb():
     assert runner.invoke(app, ["--version"]).stdout.startswith("dreamlm ")
     text = runner.invoke(app, ["--help"]).stdout
-    for verb in ("generate", "infill", "info", "train", "data", "train-tokenizer", "convert", "solve", "demo", "serve",
-                 "bench", "pull"):
+    for verb in ("generate", "infill", "info", "train", "data", "train-tokenizer", "convert", "export", "solve", "demo",
+                 "serve", "bench", "pull"):
         assert f" {verb} " in text
 
 
@@ -614,6 +621,7 @@ def writers(f: dict[str, Path]) -> dict[str, tuple[str, object]]:
         "train-tokenizer": ("folder", lambda out: ["train-tokenizer", out, "--data", str(f["text"]),
                                                    "--vocab-size", "300"]),
         "convert": ("folder", lambda out: ["convert", str(f["qwen2"]), out]),
+        "export": ("file", lambda out: ["export", TINY, out, "--type", "f32"]),
         "bench planning": ("folder", lambda out: ["bench", "planning", "--n", "1", "--out", out]),
         "bench speed": ("folder", lambda out: ["bench", "speed", "--n", "1", "--out", out]),
         "bench infill": ("folder", lambda out: ["bench", "infill", "--n", "1", "--out", out]),

@@ -446,6 +446,21 @@ def convert(
 
 
 @app.command()
+def export(
+    model: str = typer.Argument(..., help="Model directory or name (bundled, or pulled: smollm2, ...)."),
+    out_file: Path = typer.Argument(..., metavar="OUT.gguf", help="The GGUF file to write."),
+    type: str = typer.Option("f16", "--type", help="Weights of 2-D tensors, as llama.cpp names them: f32, f16, bf16 "
+                                                   "or q8_0 (norms and biases stay f32)."),
+) -> None:
+    """Write a diffusion model as a GGUF file with llama.cpp's `dream` architecture (llama-diffusion-cli runs it)."""
+    from dreamlm.formats.gguf_export import export_model
+
+    with user_errors():
+        path = export_model(model, out_file, type=type)
+        out.print(f"wrote {path} ({type}, {path.stat().st_size / 2**20:.1f} MiB)")
+
+
+@app.command()
 def pull(
     name: str = typer.Argument(..., help="Model to fetch: smollm2 (SmolLM2-135M-Instruct, Apache-2.0, 98 MB)."),
     gguf: Optional[Path] = typer.Option(None, "--gguf", help="Use this local GGUF file instead of downloading "

@@ -1,1 +1,1 @@
-"""Other file formats a model can come in (GGUF), read into Dream-format directories."""
+"""Other file formats a model can come in or go out as (GGUF): read into, and written from, Dream-format directories."""

@@ -1,12 +1,13 @@
-"""GGUF (llama.cpp's single-file format) → Dream-format directory.
+"""GGUF (llama.cpp's single-file format) → Dream-format directory; the names and token types shared with export.
 
 The `gguf` library reads the file and dequantizes its tensors; this module only maps llama.cpp's names to HF's,
 undoes the rotary permutation llama.cpp applies to Llama's Q and K weights, rebuilds the byte-level BPE tokenizer
 from the file's metadata, and hands the result to the same mask-token step `dreamlm convert` uses for HF folders.
 
-Supported: architectures `llama` and `qwen2`; tokenizer model `gpt2` (byte-level BPE) with the pre-tokenizers in
-`PRE_TOKENIZERS`. Anything else is refused with a message rather than converted into a model that reads text or
-positions differently from the original.
+Supported: architectures `llama`, `qwen2` and `dream` (llama.cpp's name for Dream, as `dreamlm export` writes it:
+already bidirectional with its mask token, so nothing is added); tokenizer model `gpt2` (byte-level BPE) with the
+pre-tokenizers in `PRE_TOKENIZERS`. Anything else is refused with a message rather than converted into a model that
+reads text or positions differently from the original. Writing GGUF files is `formats/gguf_export.py`.
 """
 
 from __future__ import annotations
@@ -23,9 +24,13 @@ from dreamlm.errors import DreamError
 from dreamlm.model import DreamModel
 from dreamlm.tokenizer import MASK, QWEN2_SPLIT, DreamTokenizer
 
-ARCHITECTURES = ("llama", "qwen2")
-# llama.cpp's token types (llama_token_type): 3 marks control tokens (specials), 4 user-defined added tokens.
-CONTROL, USER_DEFINED = 3, 4
+ARCHITECTURES = ("llama", "qwen2", "dream")
+# llama.cpp's token types (llama_token_type): 3 marks control tokens (specials), 4 user-defined added tokens,
+# 5 unused ids (padding rows past the tokenizer, named [PAD<id>] by llama.cpp's converter).
+CONTROL, USER_DEFINED, UNUSED = 3, 4, 5
+# dreamlm's own key in a `dream` GGUF (llama.cpp ignores it): false when the q/k/v biases are zero filler, written
+# because llama.cpp's dream graph needs them though the model (SmolLM2's Llama shape) has none
+BIAS_KEY = "dreamlm.attention_bias"
 
 # llama.cpp name (after `blk.N.`) -> HF name (after `model.layers.N.`)
 BLOCK_TENSORS = {
@@ -126,8 +131,14 @@ def gguf_config(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]])
         raise DreamError(f"token_embd.weight is {width} wide but the header says embedding_length {hidden}")
     if head_dim != hidden // heads:
         config["head_dim"] = head_dim
-    if arch == "qwen2":
+    if arch in ("qwen2", "dream"):
         config["max_window_layers"] = config["num_hidden_layers"]
+    if arch == "dream":
+        mask = meta.get("tokenizer.ggml.mask_token_id")
+        if not isinstance(mask, int) or not 0 <= mask < vocab:
+            raise DreamError("this dream GGUF has no usable tokenizer.ggml.mask_token_id; a diffusion model needs one")
+        config.update(model_type="Dream", causal=False, mask_token_id=mask,
+                      attention_bias=bool(meta.get(BIAS_KEY, True)))
     return config
 
 
@@ -155,6 +166,10 @@ def gguf_tensors(reader: Any, config: DreamConfig, arch: str, dtype: torch.dtype
                 name = f"model.layers.{parts[1]}.{BLOCK_TENSORS[parts[2]]}"
             else:
                 raise DreamError(f"GGUF tensor {t.name!r} has no place in a {arch} model")
+        if name.endswith("_proj.bias") and not config.attention_bias:
+            if np.any(dequantize(t.data, t.tensor_type)):  # only zero filler may be dropped
+                raise DreamError(f"GGUF tensor {t.name} is not zero, but the header says the model has no q/k/v bias")
+            continue
         try:
             values = dequantize(t.data, t.tensor_type)
         except NotImplementedError:
@@ -217,13 +232,18 @@ def gguf_tokenizer(meta: dict[str, Any]) -> DreamTokenizer:
         raise DreamError("the GGUF has no tokenizer.ggml.tokens / merges; cannot build its tokenizer")
     types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
     vocab: dict[str, int] = {}
-    for i, token in enumerate(tokens):
-        vocab.setdefault(token, i)  # a repeated placeholder keeps its first id
+    for i, (token, kind) in enumerate(zip(tokens, types)):
+        if kind != UNUSED:  # padding rows are no tokens: text spelling "[PAD70]" must not become one
+            vocab.setdefault(token, i)  # a repeated placeholder keeps its first id
     pairs = []
     for merge in merges:
         left, sep, right = merge.partition(" ")
         if not sep:
             raise DreamError(f"GGUF merge {merge!r} is not a 'left right' pair")
+        if left + right not in vocab:
+            # a merge that builds no token never fires (dreamlm export writes one when a tokenizer has no merges,
+            # since llama.cpp requires the array); the tokenizers library would refuse it
+            continue
         pairs.append((left, right))
     tok = Tokenizer(BPE(vocab=vocab, merges=pairs, unk_token=None, continuing_subword_prefix="",
                         end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
@@ -254,6 +274,7 @@ def gguf_tokenizer(meta: dict[str, Any]) -> DreamTokenizer:
         "eos_token": token_at("eos_token_id"),
         "pad_token": token_at("padding_token_id"),
         "unk_token": token_at("unknown_token_id"),
+        **({"mask_token": token_at("mask_token_id")} if token_at("mask_token_id") else {}),
         "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
         "chat_template": meta.get("tokenizer.chat_template"),
         "model_max_length": int(meta.get(f"{meta.get('general.architecture')}.context_length", 2048)),
@@ -264,15 +285,16 @@ def gguf_tokenizer(meta: dict[str, Any]) -> DreamTokenizer:
 
 # ---- the whole conversion -----------------------------------------------------------------------------------------
 def gguf_model(gguf_path: str | Path, dtype: str | torch.dtype = "bfloat16") -> tuple[DreamModel, DreamTokenizer]:
-    """The GGUF's AR model as a (bidirectional) DreamModel in `dtype`, and its tokenizer; no mask token yet."""
+    """The GGUF's model as a (bidirectional) DreamModel in `dtype`, and its tokenizer; an AR (llama/qwen2) file has
+    no mask token yet, a `dream` file has its own."""
     dtype = resolve_dtype(dtype)
     reader = open_gguf(gguf_path)
     meta = gguf_metadata(reader)
     shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
     raw = gguf_config(meta, shapes)
-    config = DreamConfig.from_dict(ar_config_to_dream(raw))
+    config = DreamConfig.from_dict(raw if raw["model_type"] == "Dream" else ar_config_to_dream(raw))
     tokenizer = gguf_tokenizer(meta)
-    tensors = dict(gguf_tensors(reader, config, raw["model_type"], dtype))
+    tensors = dict(gguf_tensors(reader, config, meta["general.architecture"], dtype))
     model = model_from_tensors(config, tensors, source=str(gguf_path), causal=False)
     return model, tokenizer
 
@@ -280,9 +302,11 @@ def gguf_model(gguf_path: str | Path, dtype: str | torch.dtype = "bfloat16") -> 
 def gguf_to_dream(gguf_path: str | Path, out_dir: str | Path, dtype: str | torch.dtype = "bfloat16",
                   mask_token: str = MASK, max_shard_size: int | str = "5GB") -> Path:
     """Convert a Llama / Qwen2 GGUF into a Dream-format directory (weights dequantized to `dtype`, config,
-    tokenizer with chat template and the mask token added as `dreamlm convert` adds it); returns out_dir."""
+    tokenizer with chat template and the mask token added as `dreamlm convert` adds it), or read a `dream` GGUF
+    (dreamlm's own export) back as it was; returns out_dir."""
     model, tokenizer = gguf_model(gguf_path, dtype)
-    add_mask_token(model, tokenizer, mask_token)
+    if model.config.mask_token_id is None:  # an AR source; a dream file keeps its own mask token
+        add_mask_token(model, tokenizer, mask_token)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir, max_shard_size=max_shard_size, tokenizer=tokenizer)
     return out_dir

@@ -207,6 +207,13 @@ def test_real_pull_answers_sensibly(home):  # pragma: no cover - opt-in
     assert gen.exit_code == 0, gen.output
     assert "Paris" in json.loads(gen.stdout)["text"]
     assert sorted(p.name for p in home.iterdir()) == ["smollm2", "smollm2-ar"]
+    assert resolve("smollm2") == home / "smollm2" / "adapter"  # the shipped adapter came with the pull
+    # the README's quick-start infill, as printed there
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = next(x for x in readme.splitlines() if x.startswith("dreamlm infill -m smollm2 $'"))
+    template = line.split("$'", 1)[1].rstrip("'").encode().decode("unicode_escape")
+    fill = run("infill", template, "-m", "smollm2")
+    assert fill.exit_code == 0 and "        self.items.append(item)\n" in fill.stdout, fill.output
 
 
 def test_pull_installs_the_shipped_adapter_and_the_name_means_base_plus_adapter(home, tiny_gguf, tiny_spec, tmp_path,

@@ -11,6 +11,15 @@ from dreamlm.model import DreamModel
 from dreamlm.tiny import make_tiny_checkpoint, tiny_tokenizer
 
 
+def pytest_configure(config) -> None:
+    """An empty model cache for the whole run: a developer's pulled models never change what the tests see (the
+    default model of generate/infill is the pulled smollm2 when there is one)."""
+    import os
+    import tempfile
+
+    os.environ["DREAMLM_HOME"] = tempfile.mkdtemp(prefix="dreamlm-test-home-")
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return tiny_tokenizer()

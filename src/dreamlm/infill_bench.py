@@ -354,7 +354,7 @@ def infill_bench(specs: list[tuple[str, str, Path]], n: int = 200, spans: tuple[
     tok = entries[0].model.tokenizer
     assert tok is not None
     context = min([context] + [e.model.config.context_length for e in entries if e.model is not None])
-    window = Window.for_context(context, spare=max(0, *wrong))
+    window = Window.for_context(context, spare=max((0, *wrong)))
     lines, nexts, dropped = line_cases(tok, n, seed, window)
     tasks: dict[str, list[Case]] = {"line": lines}
     for k in spans:

@@ -215,11 +215,11 @@ runner = CliRunner()
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", "/no/such/dir"], "not a model directory"),
+    (["--model", "/no/such/dir"], "does not exist"),
     (["--tasks", "hellaswag"], "unknown task 'hellaswag'"),
     (["--alg", "nope"], "unknown alg"),
     (["--limit", "0"], "limit must be >= 1"),
-    (["--mc-num", "0"], "mc_num"),
+    (["--mc-num", "0"], "--mc-num must be >= 1"),
     (["--top-p", "1.5"], "top_p"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(args, message):

@@ -257,7 +257,7 @@ def test_bench_infill_decodes_in_the_order_asked(pipeline, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["-m", "diffusion"], "--model takes KIND=PATH"),
     (["-m", "gpt=x"], "unknown model kind 'gpt'"),
-    (["-m", "diffusion=/no/such/dir"], "is not a model directory"),
+    (["-m", "diffusion=/no/such/dir"], "does not exist"),
     (["--spans", "4,x"], "--spans must be comma-separated integers"),
     (["--spans", "0"], "every span length must be in 1..64"),
     (["--n", "0"], "--n must be >= 1"),

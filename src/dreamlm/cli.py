@@ -814,7 +814,7 @@ def bench_infill(model: Optional[list[str]] = typer.Option(
                                                                   "(the repo's own: benchmarks/results).")
                  ) -> None:
     """Code infilling on held-out stdlib modules: diffusion vs AR vs AR with fill-in-the-middle, and held-out loss."""
-    from dreamlm.infill_bench import PIPELINE, infill_bench, infill_table, write_infill_report
+    from dreamlm.infill_bench import KINDS, PIPELINE, infill_bench, infill_table, write_infill_report
     from dreamlm.sampling.options import Alg
 
     with user_errors():
@@ -834,6 +834,8 @@ def bench_infill(model: Optional[list[str]] = typer.Option(
             kind, sep, path = item.partition("=")
             if not sep or not path:
                 raise DreamError(f"--model takes KIND=PATH (e.g. diffusion=runs/text/ar2diff/final), got {item!r}")
+            if kind not in KINDS:
+                raise DreamError(f"unknown model kind {kind!r}; use one of {', '.join(KINDS)}")
             specs.append((f"{kind}: {Path(path).parent.name if Path(path).name == 'final' else Path(path).name}",
                           kind, model_path(path)))
         if not specs:

@@ -185,6 +185,10 @@ class DreamConfig:
             for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
                 data.setdefault(name, None)
         if isinstance(data.get("eos_token_id"), list):  # Qwen2.5 instruct lists several; the first ends text
+            ids = data["eos_token_id"]
+            if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise DreamError("config.json: eos_token_id must be a token id or a non-empty list of token ids, "
+                                 f"got {ids!r}")
             data["extras_eos_token_ids"] = data["eos_token_id"]
             data["eos_token_id"] = data["eos_token_id"][0]
         names = {f.name for f in dataclasses.fields(cls)} - {"extras"}

@@ -67,7 +67,8 @@ def test_only_adapter_parameters_train():
     assert torch.equal(model.model.embed_tokens.weight, before)
 
 
-def test_adapter_directory_round_trip_and_errors(tiny_dir, tmp_path):
+def _saved_adapter(tiny_dir: Path, out: Path) -> tuple[DreamModel, LoraSpec, Path]:
+    """A rank-4 adapter over the tiny model with every kind of tensor changed (pairs, a norm, the mask row), saved."""
     model = DreamModel.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     spec = LoraSpec(rank=4, alpha=8.0, train_rows=[model.config.mask_token_id])
     add_lora(model, spec)
@@ -75,7 +76,11 @@ def test_adapter_directory_round_trip_and_errors(tiny_dir, tmp_path):
     with torch.no_grad():
         model.model.norm.weight.mul_(1.5)
         model.model.embed_tokens.weight[model.config.mask_token_id] += 0.25
-    out = save_adapter(model, spec, tmp_path / "adapter", base=str(tiny_dir), dtype=torch.float32)
+    return model, spec, save_adapter(model, spec, out, base=str(tiny_dir), dtype=torch.float32)
+
+
+def test_adapter_directory_round_trip_and_errors(tiny_dir, tmp_path):
+    model, spec, out = _saved_adapter(tiny_dir, tmp_path / "adapter")
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["base_model_name_or_path"] == str(tiny_dir)
     x = _ids(model)
@@ -224,13 +229,7 @@ def test_extract_adapter_recovers_a_low_rank_fine_tune_exactly(tiny_dir, tmp_pat
 def test_training_can_start_from_an_adapter(tiny_dir, tmp_path):
     from dreamlm.adapter import load_adapter_weights
 
-    model = DreamModel.from_pretrained(tiny_dir, dtype=torch.float32).eval()
-    spec = LoraSpec(rank=4, alpha=8.0, train_rows=[model.config.mask_token_id])
-    add_lora(model, spec)
-    _randomise_b(model)
-    with torch.no_grad():
-        model.model.norm.weight.mul_(1.5)
-    out = save_adapter(model, spec, tmp_path / "adapter", base=str(tiny_dir), dtype=torch.float32)
+    model, _, out = _saved_adapter(tiny_dir, tmp_path / "adapter")
     again = DreamModel.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     add_lora(again, LoraSpec(rank=4, alpha=16.0, train_rows=[model.config.mask_token_id]), seed=5)  # another scale
     load_adapter_weights(again, out)

@@ -169,7 +169,8 @@ def body_bench(diffusion: DreamModel, ar: DreamModel, masks: tuple[int, ...] = (
 
         x = torch.tensor([tok.encode(prefix)])
         out, _ = ar_generate(ar, x, max_new_tokens)
-        text, _ = _answer(ar, out[0, x.shape[1]:].tolist())
+        ids = out[0, x.shape[1]:].tolist()
+        text = tok.decode(ids[:ids.index(eos)] if eos in ids else ids, skip_special_tokens=True)  # keep the indent
         kept = []
         for line in text.split("\n"):
             if line and not line[0].isspace():

@@ -91,7 +91,7 @@ def test_body_bench_runs_every_written_body_against_its_tests(tiny_dir, monkeypa
     assert list(report["methods"]) == ["AR (prefix only)", "diffusion, 4 masks"] and len(ran) == 4
     assert all(code.startswith("def reverse_string(s):") or code.startswith("def is_even(n):") for code in ran)
     assert all(m["pass_rate"] == 0.0 for m in report["methods"].values())  # random weights write no working body
-    assert bench.body_prefix("square", "x", "returns x squared") == 'def square(x):\n    """Returns x squared."""\n'
+    assert bench.body_prefix("square", "x", "returns x squared") == 'def square(x):\n    """Returns x squared."""'
 
 
 def test_ar_bodies_keep_their_indentation(tiny_dir, monkeypatch):
@@ -100,7 +100,7 @@ def test_ar_bodies_keep_their_indentation(tiny_dir, monkeypatch):
 
     ar = DreamModel.from_pretrained(tiny_dir, dtype=torch.float32, causal=True).eval()
     tok = ar.tokenizer
-    body = tok.encode("    return s[::-1]\nprint(1)\n")
+    body = tok.encode("\n    return s[::-1]\nprint(1)\n")
 
     def scripted(model, x, max_new_tokens):  # an AR model that writes a right body, then code at column 0
         return torch.cat([x, torch.tensor([body])], 1), len(body)

@@ -137,8 +137,10 @@ def write_chat_report(report: dict[str, Any], out_dir: Path) -> None:
 
 
 def body_prefix(name: str, args: str, does: str) -> str:
-    """The code before a function body: signature and a one-line docstring."""
-    return f'def {name}({args}):\n    """{does[0].upper()}{does[1:]}."""\n'
+    """The code before a function body: signature and a one-line docstring, without the newline after it (BPE
+    merges a newline with the next line's indentation, so a prefix ending in a bare newline tells a model that the
+    next line starts at column 0)."""
+    return f'def {name}({args}):\n    """{does[0].upper()}{does[1:]}."""'
 
 
 def body_bench(diffusion: DreamModel, ar: DreamModel, masks: tuple[int, ...] = (16, 32), max_new_tokens: int = 48,

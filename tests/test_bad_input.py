@@ -848,3 +848,24 @@ def test_an_eos_list_that_is_not_token_ids_is_refused(eos):
     with pytest.raises(DreamError, match="eos_token_id must be a token id or a non-empty list"):
         DreamConfig.from_dict({"model_type": "Dream", "eos_token_id": eos})
     assert DreamConfig.from_dict({"model_type": "Dream", "eos_token_id": [7, 8]}).eos_token_id == 7  # Qwen2.5's list: the first ends text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n", "-1"], "--n must be >= 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--per-step", "a,b"], "--per-step must be comma-separated integers"),
+    (["--per-step", "0"], "every --per-step value must be >= 1"),
+    (["--per-step", "5"], "divide --max-new-tokens (64)"),
+    (["--alg", "nope"], "alg"),
+    (["-m", "smollm2"], "dreamlm pull smollm2"),  # the test run's model cache is empty
+])
+def test_bench_chat_refuses_bad_options_before_loading(args, message, tmp_path):
+    assert message in refusal(["bench", "chat", "--out", str(tmp_path / "o"), *args])
+    assert not (tmp_path / "o").exists()
+
+
+def test_bench_chat_refuses_an_unwritable_out_before_loading(tmp_path):
+    target = tmp_path / "file.txt"
+    target.write_text("keep")
+    assert refusal(["bench", "chat", "--out", str(target)])
+    assert target.read_text() == "keep"

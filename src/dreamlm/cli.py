@@ -866,7 +866,6 @@ def bench_chat(model: str = typer.Option("smollm2", "--model", "-m", help="The d
     """Held-out chat prompts with checkable answers: the diffusion model at k tokens/step vs the AR base."""
     from dreamlm.chat_bench import chat_bench, chat_table, write_chat_report
     from dreamlm.model import DreamModel
-    from dreamlm.precision import inference_precision
     from dreamlm.sampling.options import Alg
 
     with user_errors():
@@ -877,11 +876,14 @@ def bench_chat(model: str = typer.Option("smollm2", "--model", "-m", help="The d
             ks = tuple(int(k) for k in per_step.split(",") if k.strip())
         except ValueError:
             raise DreamError(f"--per-step must be comma-separated integers, got {per_step!r}") from None
+        if not ks or any(k < 1 or max_new_tokens % k for k in ks):
+            raise DreamError(f"every --per-step value must be >= 1 and divide --max-new-tokens ({max_new_tokens})")
         output_dir(out_dir)
-        weights = inference_precision(dtype, "cpu")
-        err.print(weights.describe())
-        diffusion = DreamModel.from_pretrained(model_path(model), dtype=weights.dtype).eval()
-        base = DreamModel.from_pretrained(model_path(ar), dtype=weights.dtype).eval()
+        weights = choose_precision(dtype, None)
+        diffusion_dir, ar_dir = model_path(model), model_path(ar)  # an unpulled name fails before anything prints
+        announce(weights)
+        diffusion = DreamModel.from_pretrained(diffusion_dir, dtype=weights.dtype).eval()
+        base = DreamModel.from_pretrained(ar_dir, dtype=weights.dtype).eval()
         with progress("bench chat") as advance:
             report = chat_bench(diffusion, base, n or None, max_new_tokens, ks, alg, advance, bodies)
         write_chat_report(report, out_dir)

@@ -112,7 +112,6 @@ def test_peft_reads_our_adapter_the_same_way(tiny_dir, tmp_path):
     add_lora(model, spec)
     _randomise_b(model)
     out = save_adapter(model, spec, tmp_path / "adapter", base=str(tiny_dir), dtype=torch.float32)
-    x = ours = None
     x = _ids(model)
     with torch.no_grad():
         ours = model(x)

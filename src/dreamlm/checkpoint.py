@@ -212,13 +212,9 @@ def adapter_base(path: str | Path) -> Path:
     for candidate in (Path(path) / ref, Path(ref)):
         if (candidate / "config.json").is_file():
             return candidate
-    try:
-        from dreamlm.hub import resolve
-    except ImportError:
-        resolve = None
-    if resolve is not None:
-        return Path(resolve(ref))
-    raise DreamError(f"{path}: the adapter's base model {ref!r} was not found")
+    from dreamlm.hub import resolve
+
+    return Path(resolve(ref))  # a model name (e.g. smollm2-base); DreamError naming the known names if unknown
 
 
 def load_from_info(info: CheckpointInfo, dtype: torch.dtype | str | None = None,

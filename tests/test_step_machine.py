@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dreamlm.errors import DreamError
+from dreamlm.model import DreamModel
 from dreamlm.sampling import Constraints, SamplerOptions, advance, diffusion_generate, plan, sample_tokens, shift_logits
 from dreamlm.sampling import generate as generate_module
 from dreamlm.sampling.options import Alg
@@ -229,20 +230,49 @@ def _alone(model, request):
     return state.x
 
 
-def test_mixed_batch_returns_what_each_request_returns_alone(tiny_model):
-    alone = [_alone(tiny_model, r) for r in REQUESTS]
-    states = [_state(tiny_model, r) for r in REQUESTS]
-    calls = []
-    handle = tiny_model.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mixed_batch_returns_what_each_request_returns_alone(tiny_dir, dtype):
+    model = DreamModel.from_pretrained(tiny_dir, dtype=dtype)
+    alone = [_alone(model, r) for r in REQUESTS]
+    states = [_state(model, r) for r in REQUESTS]
+    packed, steps = [], 0
+    real = model.packed_forward
+    model.packed_forward = lambda canvases, select=None: packed.append(len(canvases)) or real(canvases, select)
     try:
         while not all(s.done for s in states):
-            advance(tiny_model, states)
+            advance(model, states)
+            steps += 1
     finally:
-        handle.remove()
+        del model.packed_forward
     for request, state, expected in zip(REQUESTS, states, alone):
         assert torch.equal(state.x, expected), request
-    # requests of one canvas length really shared forwards (different lengths run one forward each per step)
-    assert len(calls) < sum(state.passes for state in states)
+    # every step ran ONE packed forward for all the cacheless requests, whatever their canvas lengths
+    assert len(packed) == steps and max(packed) >= 5
+    assert len({r["prompt"][0].__len__() + r["new"] for r in REQUESTS}) > 3  # the canvases really differ in length
+
+
+def test_packed_forward_gives_each_canvas_its_logits_alone(tiny_dir):
+    from dreamlm.model import padding_attention, padding_positions
+
+    pad = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1, 1], [1] * 10])
+    for causal in (False, True):
+        for dtype in (torch.float32, torch.bfloat16):
+            model = DreamModel.from_pretrained(tiny_dir, dtype=dtype, causal=causal)
+            gen = torch.Generator().manual_seed(0)
+            canvases = [(torch.randint(0, 200, (1, 17), generator=gen), None, None),
+                        (torch.randint(0, 200, (2, 10), generator=gen), padding_attention(pad, causal),
+                         padding_positions(pad)),
+                        (torch.randint(0, 200, (1, 33), generator=gen), None, None),
+                        (torch.randint(0, 200, (3, 17), generator=gen), None, None)]
+            with torch.no_grad():
+                out = model.packed_forward(canvases)
+                offset = 0
+                for x, mask, positions in canvases:
+                    own = out[offset:offset + x.numel()].view(*x.shape, -1)
+                    assert torch.equal(own, model(x, mask, positions)), (causal, dtype, x.shape)
+                    offset += x.numel()
+                rows = torch.tensor([3, 20, 40, 77, 120])
+                assert torch.equal(model.packed_forward(canvases, select=rows), out[rows])
 
 
 def test_diffusion_generate_equals_a_single_state(tiny_model):
@@ -321,8 +351,8 @@ def test_steps_for_blocks_rounds_up_to_a_multiple_of_the_blocks():
 
 
 def test_infill_canvases_of_different_lengths_batch_exactly():
-    # the evaluation harness found padded batches of these canvases changing 2 of 4 rows; advance now batches only
-    # equal-length canvases, and equal-length ones (originals with perturbed prompts) batch exactly
+    # the evaluation harness found left-padded batches of these canvases changing 2 of 4 rows; packed forwards give
+    # each canvas its own attention, so canvases of any lengths batch exactly
     import json
     import random
     from importlib import resources

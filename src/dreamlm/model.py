@@ -7,8 +7,9 @@ Logits are *not* shifted here: the output at position i scores the token at i + 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,36 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+@dataclass
+class Packing:
+    """Canvases of different shapes in one forward: their tokens concatenated into one sequence (1, T) for the
+    linear layers, attention run per canvas (canvases of one length without a mask share an SDPA call), so each
+    canvas attends exactly as it would alone. `spans[i]` = (offset in T, B, N); `masks[i]` (B, 1, N, N) or None."""
+
+    spans: list[tuple[int, int, int]]
+    masks: list[torch.Tensor | None]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
+               extra: dict[str, Any]) -> torch.Tensor:
+        """SDPA over (1, heads, T, D) packed q/k/v, canvas by canvas; returns (1, H, T, D)."""
+        def rows(t: torch.Tensor, i: int) -> torch.Tensor:  # canvas i's (B, heads, N, D)
+            offset, B, N = self.spans[i]
+            return t[0, :, offset:offset + B * N].unflatten(1, (B, N)).transpose(0, 1)
+
+        groups: dict[object, list[int]] = {}
+        for i, ((_, _, N), mask) in enumerate(zip(self.spans, self.masks)):
+            groups.setdefault(N if mask is None else ("masked", i), []).append(i)
+        out: list[torch.Tensor | None] = [None] * len(self.spans)
+        for members in groups.values():
+            mask = self.masks[members[0]]
+            qs, ks, vs = (torch.cat([rows(t, i) for i in members]) for t in (q, k, v))
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=is_causal and mask is None,
+                                               **extra)  # (sum B, H, N, D)
+            for i, part in zip(members, o.split([self.spans[i][1] for i in members])):
+                out[i] = part.transpose(0, 1).flatten(1, 2)  # (H, B * N, D)
+        return torch.cat(out, dim=1)[None]
+
+
 class Attention(nn.Module):
     """Grouped-query attention through SDPA; q/k/v with bias, o_proj without."""
 
@@ -72,7 +103,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, E, bias=False)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                is_causal: bool, cache: "LayerCache | None" = None, start: int = 0) -> torch.Tensor:
+                is_causal: bool, cache: "LayerCache | None" = None, start: int = 0,
+                packing: Packing | None = None) -> torch.Tensor:
         B, L, _ = h.shape
         q = self.q_proj(h).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
         k = self.k_proj(h).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, L, D)
@@ -84,7 +116,10 @@ class Attention(nn.Module):
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
         extra = {"enable_gqa": True} if self.n_kv != self.n_heads and _SDPA_HAS_GQA else {}
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, **extra)  # (B, H, L, D)
+        if packing is not None:
+            out = packing.attend(q, k, v, is_causal, extra)  # (1, H, T, D)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, **extra)  # (B, H, L, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim))
 
 
@@ -143,8 +178,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                is_causal: bool, cache: LayerCache | None = None, start: int = 0) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, is_causal, cache, start)
+                is_causal: bool, cache: LayerCache | None = None, start: int = 0,
+                packing: Packing | None = None) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, is_causal, cache, start, packing)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -267,6 +303,34 @@ class DreamModel(nn.Module):
             else:
                 h = layer(h, cos, sin, mask, is_causal, None if cache is None else cache.layers[i])
         return self._head(h, select)
+
+    def packed_forward(self, canvases: Sequence[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]],
+                       select: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for several canvases of different shapes in one forward: `canvases` holds (ids (B, N), prepared
+        boolean attention (B, 1, N, N) or None, position ids (B, N) or None) each; the result is the logits of the
+        concatenated rows (T, V), T = sum of B * N in order, or only rows `select` (M,) of them. Each canvas's
+        logits are those it gets alone (same matmul rows, its own attention call), as long as T >= MIN_MATMUL_ROWS
+        alone too."""
+        spans, masks, ids, positions, offset = [], [], [], [], 0
+        for x, mask, position_ids in canvases:
+            check_ids(x, self.config.vocab_size)
+            B, N = x.shape
+            if N > self.config.context_length:
+                raise DreamError(f"the input has {N} tokens, more than the model's context of "
+                                 f"{self.config.context_length}")
+            spans.append((offset, B, N))
+            masks.append(None if mask is None else mask.bool())
+            ids.append(x.reshape(-1))
+            if position_ids is None:
+                position_ids = torch.arange(N, device=x.device).expand(B, N)
+            positions.append(position_ids.reshape(-1))
+            offset += B * N
+        packing = Packing(spans, masks)
+        h = self.model.embed_tokens(torch.cat(ids)[None])  # (1, T, E)
+        cos, sin = rope_cos_sin(torch.cat(positions)[None], self.config.dim_per_head, self.config.rope_theta, h.dtype)
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, None, self.causal, packing=packing)
+        return self._head(h[0], None if select is None else (select,))
 
     def _span_forward(self, span_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                       position_ids: torch.Tensor | None, select: tuple[torch.Tensor, torch.Tensor] | None,

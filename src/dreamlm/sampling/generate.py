@@ -514,56 +514,62 @@ def bucket_shape(rows: int, length: int, context: int) -> tuple[int, int]:
 
 def _shared_forward(model: "DreamModel", states: Sequence[DecodeState],
                     compile: "bool | str | Callable") -> list[torch.Tensor]:  # noqa: A002
-    """One forward for all the states: each state's canvas left-padded to a common length (pads attend to
-    nothing real), rows stacked; returns each state's masked-slot logits (M, V), or its shifted (B, N, V)."""
+    """One forward for all the states; returns each state's masked-slot logits (M, V), or its shifted (B, N, V)
+    when a hook wants them. Eager: the canvases are packed (`DreamModel.packed_forward`: shared matmuls, each
+    canvas its own attention), so a state gets the same logits whatever shares the forward. Compiled: canvases
+    left-padded into one static bucket shape (see `_bucket_forward`)."""
+    if compile:
+        return _bucket_forward(model, states, compile)
+    canvases = [(s.x, s.attention, s.position_ids) for s in states]
+    total = sum(s.x.numel() for s in states)
+    if total < MIN_MATMUL_ROWS:  # a spare canvas so that tiny canvases get the same matmul bits alone or batched
+        canvases.append((torch.zeros((1, MIN_MATMUL_ROWS - total), dtype=torch.long, device=states[0].x.device),
+                         None, None))
+    picks, offset = [], 0
+    for s in states:
+        B, N = s.x.shape
+        if s.wants_full_logits:
+            picks.append(torch.arange(offset, offset + B * N, device=s.x.device))
+        else:
+            rows, cols = s._targets
+            picks.append(offset + rows * N + (cols - 1).clamp(min=0))
+        offset += B * N
+    out = model.packed_forward(canvases, select=torch.cat(picks))
+    results = []
+    for s, own in zip(states, out.split([len(p) for p in picks])):
+        results.append(shift_logits(own.view(*s.x.shape, -1)) if s.wants_full_logits else own)
+    return results
+
+
+def _bucket_forward(model: "DreamModel", states: Sequence[DecodeState],
+                    compile: "bool | str | Callable") -> list[torch.Tensor]:  # noqa: A002
+    """The compiled forward: every canvas left-padded to one bucketed (rows, length) shape (pads attend to nothing
+    real), rows stacked, one static graph per bucket; returns as `_shared_forward`."""
     rows = [s.x.shape[0] for s in states]
     lengths = [s.x.shape[1] for s in states]
-    R, N = sum(rows), max(lengths)
-    if compile:
-        R, N = bucket_shape(R, N, model.config.context_length)
-    R = max(R, -(-MIN_MATMUL_ROWS // N))  # spare rows so that tiny canvases get the same matmul bits alone or batched
-    full = bool(compile) or any(s.wants_full_logits for s in states)
-    if len(states) == 1 and (R, N) == (rows[0], lengths[0]) and not compile:
-        s = states[0]
-        x, attention, positions = s.x, s.attention, s.position_ids
-    else:
-        device = states[0].x.device
-        x = torch.zeros((R, N), dtype=torch.long, device=device)
-        keep = torch.ones((R, N), dtype=torch.long, device=device)  # spare rows: a sequence of token 0
-        top = 0
-        for s, b, n in zip(states, rows, lengths):
-            x[top:top + b, N - n:] = s.x
-            keep[top:top + b, :N - n] = 0
-            if s.pad_mask is not None:
-                keep[top:top + b, N - n:] = s.pad_mask
-            top += b
-        attention = positions = None
-        if compile or any(s.pad_mask is not None for s in states) or min(lengths) < N:
-            attention, positions = padding_attention(keep, model.causal), padding_positions(keep)
-    select = None
-    if not full:
-        targets = [s._targets for s in states]
-        offsets = np.cumsum([0] + rows[:-1]).tolist()
-        select = (torch.cat([b + top for (b, _), top in zip(targets, offsets)]),
-                  torch.cat([(j - 1).clamp(min=0) + N - n for (_, j), n in zip(targets, lengths)]))
-    if compile:
-        with _dynamo_limits():
-            try:
-                out = compiled(model, compile)(x, attention, positions)
-            except torch._dynamo.exc.FailOnRecompileLimitHit as exc:
-                raise DreamError(f"compile: more than {COMPILE_GRAPHS} distinct shapes for this model; "
-                                 "run without compile") from exc
-    else:
-        out = model(x, attention, positions, select=select)
-    results, top, offset = [], 0, 0
+    R, N = bucket_shape(sum(rows), max(lengths), model.config.context_length)
+    R = max(R, -(-MIN_MATMUL_ROWS // N))
+    device = states[0].x.device
+    x = torch.zeros((R, N), dtype=torch.long, device=device)
+    keep = torch.ones((R, N), dtype=torch.long, device=device)  # spare rows: a sequence of token 0
+    top = 0
     for s, b, n in zip(states, rows, lengths):
-        if full:
-            own = shift_logits(out[top:top + b, N - n:])
-            results.append(own if s.wants_full_logits else own[s._targets])
-        else:
-            m = len(s._targets[0])
-            results.append(out[offset:offset + m])
-            offset += m
+        x[top:top + b, N - n:] = s.x
+        keep[top:top + b, :N - n] = 0
+        if s.pad_mask is not None:
+            keep[top:top + b, N - n:] = s.pad_mask
+        top += b
+    attention, positions = padding_attention(keep, model.causal), padding_positions(keep)
+    with _dynamo_limits():
+        try:
+            out = compiled(model, compile)(x, attention, positions)
+        except torch._dynamo.exc.FailOnRecompileLimitHit as exc:
+            raise DreamError(f"compile: more than {COMPILE_GRAPHS} distinct shapes for this model; "
+                             "run without compile") from exc
+    results, top = [], 0
+    for s, b, n in zip(states, rows, lengths):
+        own = shift_logits(out[top:top + b, N - n:])
+        results.append(own if s.wants_full_logits else own[s._targets])
         top += b
     return results
 
@@ -571,8 +577,9 @@ def _shared_forward(model: "DreamModel", states: Sequence[DecodeState],
 def advance(model: "DreamModel", states: Sequence[DecodeState],
             compile: "bool | str | Callable" = False,  # noqa: A002
             on_error: Callable[[DecodeState, Exception], None] | None = None) -> None:
-    """One step of every unfinished state: those without a cache share one model forward per canvas length (the
-    ones with a cache run their own, since their spans differ); each then commits from its own masked slots' logits.
+    """One step of every unfinished state: those without a cache share one model forward, whatever their canvas
+    lengths (the ones with a cache run their own, since their spans differ); each then commits from its own masked
+    slots' logits. A compiled forward groups the canvases by length (its shapes are static).
 
     With `on_error`, a state whose own work fails (its step, its cached forward) is reported there and the others
     go on (a server keeps serving the rest of the batch); the shared forward failing still raises."""
@@ -605,12 +612,12 @@ def advance(model: "DreamModel", states: Sequence[DecodeState],
             shared.append(state)
         else:
             guarded(state, lambda s=state: s.step(None))  # nothing masked, no hook: Dream's step changes nothing
-    # one forward per canvas shape: rows of different lengths would need left-padding and an attention mask, and on
-    # CPU a padded row's logits can differ in the last bits from the row alone (seen with infill canvases), which
-    # flips near-ties; equal-length rows batch exactly
-    groups: dict[tuple[int, bool], list[DecodeState]] = {}
+    # packing gives every canvas its own attention, so lengths mix freely; a compiled forward pads into a bucket, and
+    # a left-padded row's logits can differ in the last bits from the row alone (flipping near-ties), so it keeps
+    # one forward per canvas shape
+    groups: dict[object, list[DecodeState]] = {}
     for state in shared:
-        groups.setdefault((state.x.shape[1], state.pad_mask is not None), []).append(state)
+        groups.setdefault((state.x.shape[1], state.pad_mask is not None) if compile else None, []).append(state)
     for group in groups.values():
         for state, logits in zip(group, _shared_forward(model, group, compile)):
             guarded(state, lambda s=state, lg=logits: shared_step(s, lg))

@@ -93,10 +93,13 @@ def _nothing(n: int = 1, label: str | None = None) -> None:
 
 
 def star_grid(n: int, shapes: tuple[tuple[int, int], ...] = STAR_GRID,
-              advance: Callable[..., None] = _nothing, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+              advance: Callable[..., None] = _nothing, dtype: torch.dtype = torch.float32,
+              rl: dict[str, Path] | None = None) -> dict[str, Any]:
     """Diffusion vs AR on held-out star graphs of each shape G(d, l), each solved by the bundled pair that
     `dreamlm solve path` picks for it (its own, or one of more arms or longer arms, see `bundled_solver_dir`);
-    shapes no bundled pair covers are left out."""
+    shapes no bundled pair covers are left out. `rl` (bundled model name -> RL-trained model, see `rl_models`):
+    where the picked model has an RL-trained version, it is scored on the same puzzles too ("diffusion_rl",
+    "ar_rl")."""
     grid: dict[str, Any] = {}
     solvers: dict[Path, Solver] = {}
     for degree, length in shapes:
@@ -111,16 +114,41 @@ def star_grid(n: int, shapes: tuple[tuple[int, int], ...] = STAR_GRID,
             if path not in solvers:  # one load per model, whatever shapes it serves
                 solvers[path] = Solver(path, dtype=dtype)
             entry[kind] = vars(score(solvers[path], puzzles))
+            if rl and path.name in rl:
+                if rl[path.name] not in solvers:
+                    solvers[rl[path.name]] = Solver(rl[path.name], dtype=dtype)
+                entry[f"{kind}_rl"] = vars(score(solvers[rl[path.name]], puzzles))
         grid[name] = entry
         advance(label=name)
     return grid
 
 
+def rl_models(paths: list[Path] | None) -> dict[str, Path]:
+    """RL-trained planning models (`dreamlm rl` exports) by the bundled model each was trained from (its task
+    file's "rl_base", e.g. "star-10-5-diffusion"); DreamError for a directory that is not such an export."""
+    from dreamlm.solver import TASK_FILE, read_task_file
+
+    found: dict[str, Path] = {}
+    for path in paths or []:
+        path = Path(path)
+        meta = read_task_file(path / TASK_FILE) if (path / TASK_FILE).is_file() else {}
+        base = meta.get("rl_base")
+        if not isinstance(base, str) or not base:
+            raise DreamError(f"{path} is not a model made by `dreamlm rl` (its {TASK_FILE} names no rl_base)")
+        if base in found:
+            raise DreamError(f"two RL models of {base}: {found[base]} and {path}; give one")
+        found[base] = path
+    return found
+
+
 def planning(n: int = 200, tasks: list[str] | None = None, out_dir: Path | None = None,
              steps_fractions: tuple[float, ...] = (0.25, 0.5, 1.0), grid: bool = True,
-             advance: Callable[..., None] = _nothing, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+             advance: Callable[..., None] = _nothing, dtype: torch.dtype = torch.float32,
+             rl: list[Path] | None = None) -> dict[str, Any]:
     """Diffusion vs AR on each task's held-out split (and Countdown's OOD split); diffusion accuracy vs steps; with
-    `grid`, diffusion vs AR on star graphs of every shape in STAR_GRID. Every model runs in `dtype`."""
+    `grid`, diffusion vs AR on star graphs of every shape in STAR_GRID. Every model runs in `dtype`. `rl`: models
+    made by `dreamlm rl` from bundled ones; each is scored beside its base on the same puzzles (SFT vs SFT+RL)."""
+    by_base = rl_models(rl)
     names = available_tasks(tasks)
     if not names:
         raise DreamError("no bundled planning models found (train them with recipes/planning first)")
@@ -134,6 +162,9 @@ def planning(n: int = 200, tasks: list[str] | None = None, out_dir: Path | None 
         for split in splits:
             puzzles = [e["input"] for e in make_examples(name, n, TEST_SEED, split)]
             entry[split] = {"diffusion": vars(score(diffusion, puzzles)), "ar": vars(score(ar, puzzles))}
+            for kind in ("diffusion", "ar"):
+                if f"{name}-{kind}" in by_base:
+                    entry[split][f"{kind}_rl"] = vars(score(Solver(by_base[f"{name}-{kind}"], dtype=dtype), puzzles))
         puzzles = [e["input"] for e in make_examples(name, n, TEST_SEED, "test")]
         budget = diffusion.budget(puzzles[0])
         curve = []
@@ -146,7 +177,9 @@ def planning(n: int = 200, tasks: list[str] | None = None, out_dir: Path | None 
     report = {"machine": machine(), "command": "dreamlm " + " ".join(sys.argv[1:]), "n": n,
               "dtype": str(dtype).removeprefix("torch."), "results": results}
     if grid:
-        report["star_grid"] = star_grid(n, advance=advance, dtype=dtype)
+        report["star_grid"] = star_grid(n, advance=advance, dtype=dtype, rl=by_base)
+    if by_base:
+        report["rl_models"] = {base: str(path) for base, path in by_base.items()}
     if out_dir is not None:
         write_planning_report(report, out_dir)
     return report
@@ -171,12 +204,35 @@ def planning_table(report: dict[str, Any]) -> str:
         for point in entry["steps_curve"]:
             lines.append(f"| {name} | {point['steps']} | {100 * point['accuracy']:.1f} % | "
                          f"{point['ms_per_solution']:.1f} |")
+    if report.get("rl_models"):
+        lines += ["", rl_table(report)]
     if report.get("star_grid"):
         lines += ["", "| star graph | diffusion acc | AR acc | models (diffusion / AR) |", "|---|---|---|---|"]
         for name, entry in report["star_grid"].items():
             lines.append(f"| G({name.split('-')[1]}, {name.split('-')[2]}) | "
                          f"{100 * entry['diffusion']['accuracy']:.1f} % | {100 * entry['ar']['accuracy']:.1f} % | "
                          f"{entry['models']['diffusion']} / {entry['models']['ar']} |")
+    return "\n".join(lines)
+
+
+def rl_table(report: dict[str, Any]) -> str:
+    """SFT vs SFT+RL: accuracy of each bundled model and of its RL-trained version on the same held-out puzzles
+    (tasks, then star-graph shapes), for the rows where an RL model was given ("–" where none was)."""
+    def cell(scores: dict[str, Any], key: str) -> str:
+        return f"{100 * scores[key]['accuracy']:.1f} %" if key in scores else "–"
+
+    lines = ["| held-out set | diffusion SFT | diffusion SFT+RL | AR SFT | AR SFT+RL |", "|---|---|---|---|---|"]
+    for name, entry in report["results"].items():
+        for split in ("test", "ood"):
+            scores = entry.get(split, {})
+            if "diffusion_rl" in scores or "ar_rl" in scores:
+                lines.append(f"| {name} {split} | {cell(scores, 'diffusion')} | {cell(scores, 'diffusion_rl')} | "
+                             f"{cell(scores, 'ar')} | {cell(scores, 'ar_rl')} |")
+    for name, entry in (report.get("star_grid") or {}).items():
+        if "diffusion_rl" in entry or "ar_rl" in entry:
+            _, d, l = name.split("-")
+            lines.append(f"| G({d}, {l}) | {cell(entry, 'diffusion')} | {cell(entry, 'diffusion_rl')} | "
+                         f"{cell(entry, 'ar')} | {cell(entry, 'ar_rl')} |")
     return "\n".join(lines)
 
 

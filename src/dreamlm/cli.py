@@ -367,6 +367,28 @@ def train(
 
 
 @app.command()
+def rl(
+    recipe: Path = typer.Argument(..., help="RL recipe TOML (see dreamlm.rl.config for every key; recipes/rl)."),
+    set_: list[str] = typer.Option([], "--set", help="Override one key: section.key=value (repeatable)."),
+    out_dir: Optional[str] = typer.Option(None, help="Run directory (run.out_dir)."),
+    max_steps: Optional[int] = typer.Option(None, help="Outer steps, each a batch of rollouts (optim.max_steps)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in out_dir from its latest checkpoint."),
+) -> None:
+    """Improve a planning model with GRPO and verifiable rewards (diffusion: one_step, coupled or elbo
+    likelihoods; AR: exact)."""
+    from dreamlm.rl import RLConfig, train as run_rl
+
+    with user_errors():
+        overrides = list(set_)
+        for key, value in (("run.out_dir", out_dir), ("optim.max_steps", max_steps)):
+            if value is not None:
+                overrides.append(f"{key}={value}")
+        path = run_rl(RLConfig.load(recipe, overrides), resume=resume)
+        if path is not None:
+            out.print(f"model written to {path}")
+
+
+@app.command()
 def data(
     task: str = typer.Argument(..., help="Task name: sudoku4, sudoku9, cd3, cd4, cd5, or star-D-L (a star graph "
                                          "of D arms of L nodes, e.g. star-2-5)."),
@@ -734,17 +756,21 @@ def bench_planning(n: int = typer.Option(200, help="Held-out puzzles per task an
                    star_grid: bool = typer.Option(True, help="Also star graphs G(d, l) of many shapes, each "
                                                             "with the bundled pair `solve path` picks for it."),
                    dtype: Optional[str] = DtypeOpt,
+                   rl_model: list[Path] = typer.Option([], "--rl-model", help="A model made by `dreamlm rl` from "
+                                                       "a bundled one (repeatable): scored beside it (SFT vs SFT+RL)."),
                    ) -> None:
     """Diffusion vs AR on held-out splits: accuracy, forward passes, time; accuracy vs diffusion steps."""
-    from dreamlm.bench import planning, planning_table
+    from dreamlm.bench import planning, planning_table, rl_models
 
     with user_errors():
         check_at_least("--n", n)
+        rl_models(rl_model)  # refused before any work
         precision = choose_precision(dtype, None)
         output_dir(out_dir)
         announce(precision)
         with progress("bench planning") as advance:
-            report = planning(n=n, out_dir=out_dir, grid=star_grid, advance=advance, dtype=precision.dtype)
+            report = planning(n=n, out_dir=out_dir, grid=star_grid, advance=advance, dtype=precision.dtype,
+                              rl=rl_model)
         print(planning_table(report))
         err.print(f"machine: {report['machine']}; wrote {out_dir}/planning.(md|json|png)")
 

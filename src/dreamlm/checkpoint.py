@@ -18,7 +18,7 @@ from dreamlm.config import DreamConfig
 from dreamlm.errors import DreamError
 from dreamlm.files import as_path, output_dir, read_text
 from dreamlm.model import DreamModel
-from dreamlm.tokenizer import MASK, DreamTokenizer, has_tokenizer_files
+from dreamlm.tokenizer import DELETE, EXPAND, MASK, DreamTokenizer, has_tokenizer_files
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -428,8 +428,49 @@ def add_mask_token(model: DreamModel, tokenizer: DreamTokenizer, mask_token: str
     return mask_id
 
 
+def add_length_tokens(model: DreamModel, tokenizer: DreamTokenizer) -> tuple[int, int]:
+    """Give a diffusion model DreamOn's `<|expand|>` and `<|delete|>` tokens; returns (expand id, delete id).
+
+    Reused when the tokenizer has them, else added as the next ids. Each token takes an unused embedding row when
+    the matrix is wider than the tokenizer, else embedding and head grow by a row. New rows start at the mean row
+    (the same neutral start `add_mask_token` gives the mask): the head's mean row scores every context at the
+    average logit, so an untrained model almost never asks to change the length, and every other row stays as it
+    was (a model with the tokens added and not yet trained gives its old logits on every old id). DreamOn adds the
+    two tokens in rows of Qwen2's embedding the tokenizer does not use; how it initialised them is not stated in its
+    paper or released code, so this choice is ours. Both are never inputs: the sampler turns them into masks or
+    removes them, and training always masks them."""
+    config = model.config
+    if config.mask_token_id is None:
+        raise DreamError("add the mask token first (dreamlm convert): the length states are mask transitions")
+    ids = []
+    for content in (EXPAND, DELETE):
+        token_id = tokenizer.token_to_id(content)
+        if token_id is None:
+            token_id = tokenizer.add_special_token(content)
+        ids.append(token_id)
+    if (config.expand_token_id, config.delete_token_id) == tuple(ids):
+        return ids[0], ids[1]
+    with torch.no_grad():
+        embed, head = model.model.embed_tokens.weight.detach(), model.lm_head.weight.detach()
+        if max(ids) >= config.vocab_size:
+            grow = max(ids) + 1 - config.vocab_size
+            embed = torch.cat([embed, embed.new_zeros(grow, embed.shape[1])])
+            head = embed if config.tie_word_embeddings else torch.cat([head, head.new_zeros(grow, head.shape[1])])
+            config.vocab_size = max(ids) + 1
+        known = [i for i in range(embed.shape[0]) if i not in ids]
+        for token_id in ids:
+            embed[token_id] = embed[known].float().mean(0).to(embed.dtype)
+            if not config.tie_word_embeddings:
+                head[token_id] = head[known].float().mean(0).to(head.dtype)
+        model.model.embed_tokens.weight = nn.Parameter(embed)
+        model.lm_head.weight = model.model.embed_tokens.weight if config.tie_word_embeddings else nn.Parameter(head)
+    config.expand_token_id, config.delete_token_id = ids
+    config.validate()
+    return ids[0], ids[1]
+
+
 def convert_ar_checkpoint(src: str | Path, dst: str | Path, mask_token: str = MASK,
-                          max_shard_size: int | str = "5GB") -> DreamModel:
+                          max_shard_size: int | str = "5GB", length_tokens: bool = False) -> DreamModel:
     """Turn a HF causal Qwen2/Llama directory into a Dream-format one: same weights, bidirectional, a mask token
     (placed by `add_mask_token`)."""
     src, dst = Path(src), Path(dst)
@@ -443,6 +484,8 @@ def convert_ar_checkpoint(src: str | Path, dst: str | Path, mask_token: str = MA
     # load through the normal path (peak RAM ≈ one model), from a config that says Dream
     model = load_from_info(inspect_checkpoint(src, config), causal=False)
     add_mask_token(model, tokenizer, mask_token)
+    if length_tokens:
+        add_length_tokens(model, tokenizer)
     model.save_pretrained(dst, max_shard_size=max_shard_size, tokenizer=tokenizer)
     model.tokenizer = tokenizer
     return model

@@ -265,7 +265,9 @@ def generate(
 
 @app.command()
 def infill(
-    template: str = typer.Argument(..., help="Text with <|mask|> (one token) or <|mask:N|> (N tokens) spans."),
+    template: str = typer.Argument(..., help="Text with <|mask|> (one token) or <|mask:N|> (N tokens) spans, or "
+                                   "<|mask:auto|> / <|mask:auto:N|> (the model chooses the length, from N masks; "
+                                   "needs a model with the expand/delete states)."),
     model: Optional[Path] = ModelOpt,
     steps: Optional[int] = StepsOpt, eps: float = EpsOpt, temperature: float = TempOpt,
     top_p: Optional[float] = TopPOpt, top_k: Optional[int] = TopKOpt, alg: str = AlgOpt,
@@ -446,6 +448,9 @@ def convert(
     max_shard_size: str = typer.Option("5GB", help="Largest weight file."),
     dtype: str = typer.Option("bfloat16", help="Weights of a converted .gguf (dequantized): bfloat16 or float32 "
                                                 "(a directory keeps its stored dtype)."),
+    length_tokens: bool = typer.Option(False, "--length-tokens", help="Also add DreamOn's <|expand|> and "
+                                       "<|delete|> tokens (mean-initialised rows; train them with "
+                                       "objective.length_rate). Directories only."),
 ) -> None:
     """Convert an autoregressive checkpoint into a Dream-format diffusion checkpoint (AR initialisation)."""
     from dreamlm.checkpoint import convert_ar_checkpoint, inspect_checkpoint, parse_size
@@ -456,6 +461,9 @@ def convert(
             raise DreamError("source and target are the same folder; write the converted model to a new one")
         if dtype not in ("bfloat16", "float32"):
             raise DreamError(f"--dtype must be bfloat16 or float32, got {dtype!r}")
+        if length_tokens and source.suffix.lower() == ".gguf":
+            raise DreamError("--length-tokens works on a directory; convert the .gguf first, or add the tokens "
+                             "when training (model.length_tokens = true)")
         output_dir(target, empty=True)
         if source.suffix.lower() == ".gguf":
             from dreamlm.formats.gguf import gguf_to_dream
@@ -463,8 +471,10 @@ def convert(
             config = inspect_checkpoint(gguf_to_dream(source, target, dtype=dtype,
                                                       max_shard_size=max_shard_size)).config
         else:
-            config = convert_ar_checkpoint(source, target, max_shard_size=max_shard_size).config
-        out.print(f"wrote {target} (mask token id {config.mask_token_id}, vocab {config.vocab_size})")
+            config = convert_ar_checkpoint(source, target, max_shard_size=max_shard_size,
+                                           length_tokens=length_tokens).config
+        states = f", expand {config.expand_token_id}, delete {config.delete_token_id}" if length_tokens else ""
+        out.print(f"wrote {target} (mask token id {config.mask_token_id}{states}, vocab {config.vocab_size})")
 
 
 @app.command()
@@ -837,7 +847,10 @@ def bench_infill(model: Optional[list[str]] = typer.Option(
                  dtype: str = typer.Option("auto", help="Weights of every model: auto (bf16 where the CPU/GPU "
                                                         "multiplies bf16 natively), float32, bfloat16."),
                  out_dir: Path = typer.Option(Path("dreamlm-bench"), "--out", help="Folder for the table, JSON and plot "
-                                                                  "(the repo's own: benchmarks/results).")
+                                                                  "(the repo's own: benchmarks/results)."),
+                 lengths: Optional[str] = typer.Option(None, "--lengths", help="Instead: whole-line infill of each "
+                                                       "diffusion model at these length modes, a subset of "
+                                                       "oracle,0.5x,2x,auto (auto: DreamOn's expand/delete states)."),
                  ) -> None:
     """Code infilling on held-out stdlib modules: diffusion vs AR vs AR with fill-in-the-middle, and held-out loss."""
     from dreamlm.infill_bench import KINDS, PIPELINE, infill_bench, infill_table, write_infill_report
@@ -869,6 +882,17 @@ def bench_infill(model: Optional[list[str]] = typer.Option(
         if not specs:
             specs = [("stdlib-code (bundled)", "diffusion", default_model_dir())]
         output_dir(out_dir)
+        if lengths is not None:  # issue 30's length modes: one self-contained branch
+            from dreamlm.infill_bench import length_bench, length_table, parse_length_modes, write_length_report
+
+            modes = parse_length_modes(lengths)
+            with progress("bench infill --lengths") as advance:
+                report = length_bench(specs, n=n, modes=modes, seed=seed, alg=alg, advance=advance,
+                                      context=context, dtype=dtype)
+            write_length_report(report, out_dir)
+            print(length_table(report))
+            err.print(f"machine: {report['machine']}; wrote {out_dir}/infill-lengths.(md|json)")
+            return
         with progress("bench infill") as advance:
             report = infill_bench(specs, n=n, spans=ks, blocks=blocks, mc_num=mc_num, seed=seed, alg=alg,
                                   advance=advance, context=context, dtype=dtype)

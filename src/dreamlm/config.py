@@ -99,6 +99,10 @@ class DreamConfig:
     pad_token_id: int | None = 151643
     bos_token_id: int | None = 151643
     eos_token_id: int | None = 151643
+    # DreamOn's length states (dreamlm.sampling: an expand becomes two masks, a delete is removed); None in a
+    # checkpoint trained without them, which then infills only at the length it is given
+    expand_token_id: int | None = None
+    delete_token_id: int | None = None
     model_type: str = "Dream"
     causal: bool = False  # dreamlm extension: True makes the same module an AR baseline
     extras: dict[str, Any] = field(default_factory=dict)
@@ -152,7 +156,8 @@ class DreamConfig:
             raise DreamError(f"config: rope_theta must be a positive number, got {self.rope_theta!r}")
         if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
             raise DreamError(f"config: rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
-        for name in ("mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id"):
+        for name in ("mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id", "expand_token_id",
+                     "delete_token_id"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and 0 <= value < self.vocab_size):
                 raise DreamError(f"config: {name}={value!r} is outside the vocabulary (0..{self.vocab_size - 1})")
@@ -206,6 +211,9 @@ class DreamConfig:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("extras", "causal")}
         if out["head_dim"] is None:
             del out["head_dim"]
+        for name in ("expand_token_id", "delete_token_id"):  # only a model trained with the length states has them
+            if out[name] is None:
+                del out[name]
         if out["attention_bias"]:  # Qwen2's layout has no such key: bias is implied
             del out["attention_bias"]
         if self.causal and self.model_type != "qwen2":  # a qwen2 checkpoint is causal without saying so
@@ -238,6 +246,11 @@ class DreamConfig:
     def to_json_file(self, path: str | Path) -> None:
         """Write config.json."""
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    @property
+    def length_states(self) -> bool:
+        """True when the model has DreamOn's expand and delete tokens (it can change an infill's length)."""
+        return self.expand_token_id is not None and self.delete_token_id is not None
 
     def generation_dict(self) -> dict[str, Any]:
         """The generation_config.json dict: the special ids the sampler needs."""

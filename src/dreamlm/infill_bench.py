@@ -334,8 +334,9 @@ def load_entries(specs: list[tuple[str, str, Path]], dtype: str | None = None) -
             raise DreamError(f"{path} is {'a causal (AR)' if model.causal else 'a diffusion'} model, not {kind}")
         entries.append(Entry(label, kind, path, model))
     probe = "def f(self, x):\n    return {'a': x} <|fim_middle|><|mask|><|endoftext|>"
-    if len({(e.model.tokenizer.vocab_size, tuple(e.model.tokenizer.encode(probe)))  # type: ignore[union-attr]
-            for e in entries}) > 1:
+    # the same ids for the same text (a tokenizer that only adds specials at its end, e.g. <|expand|>, still
+    # matches); the probe's special tokens must be the same ids too
+    if len({tuple(e.model.tokenizer.encode(probe)) for e in entries}) > 1:  # type: ignore[union-attr]
         raise DreamError("the models do not share one tokenizer; the comparison needs the same tokens")
     return entries
 
@@ -444,3 +445,112 @@ def write_infill_report(report: dict[str, Any], out_dir: Path) -> None:
     fig.tight_layout()
     fig.savefig(out_dir / "infill.png", dpi=120)
     plt.close(fig)
+
+
+# ---- length modes (issue 30: infilling without knowing the gap's length) ---------------------------------------
+LENGTH_MODES = ("oracle", "0.5x", "2x", "auto")
+AUTO_START = 4  # masks an automatic-length gap starts from (DreamOn's default)
+
+
+def parse_length_modes(text: str) -> tuple[str, ...]:
+    """`oracle,0.5x,2x,auto` -> the modes, each checked."""
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    bad = [m for m in modes if m not in LENGTH_MODES]
+    if bad or not modes:
+        raise DreamError(f"--lengths takes a comma-separated subset of {','.join(LENGTH_MODES)}, got {text!r}")
+    return modes
+
+
+def diffusion_fill_auto(model: DreamModel, tok: DreamTokenizer, case: Case, start: int = AUTO_START,
+                        max_span: int = 64, alg: str = "entropy") -> list[int]:
+    """Automatic length (DreamOn): `start` masks between prefix and suffix; the model grows (`<|expand|>`) and
+    shrinks (`<|delete|>`) the gap, one token committed a step, up to `max_span` tokens."""
+    from dreamlm.sampling import Constraints, diffusion_generate
+    from dreamlm.sampling.infill import final_spans, unwritable_ids
+
+    mask = model.config.mask_token_id
+    canvas = torch.tensor([case.prefix + [mask] * start + case.suffix])
+    limit = len(case.prefix) + len(case.suffix) + max_span
+    out = diffusion_generate(model, canvas, max_length=canvas.shape[1], steps=2 * max_span, alg=alg,
+                             temperature=0.0, length_limit=limit, return_dict_in_generate=True,
+                             constraints=Constraints(banned_token_ids=unwritable_ids(model, tok)))
+    keep = out.pad_mask[0].bool() if out.pad_mask is not None else torch.ones_like(out.sequences[0], dtype=torch.bool)
+    ids, slots = out.sequences[0][keep].tolist(), out.slots[0][keep].tolist()
+    ((a, b),) = final_spans(slots, [(len(case.prefix), len(case.prefix) + start)])
+    return ids[a:b]
+
+
+def length_filler(model: DreamModel, tok: DreamTokenizer, mode: str, max_span: int, alg: str
+                  ) -> Callable[[Case], list[int]]:
+    """How a diffusion model fills a case in one length mode: the true length, half or twice it (fixed canvases),
+    or automatic."""
+    if mode == "auto":
+        return lambda case: diffusion_fill_auto(model, tok, case, AUTO_START, max_span, alg)
+    scale = {"oracle": 1.0, "0.5x": 0.5, "2x": 2.0}[mode]
+    return lambda case: diffusion_fill(model, tok, case, max(1, round(scale * len(case.middle))), alg)
+
+
+def length_bench(specs: list[tuple[str, str, Path]], n: int = 100, modes: tuple[str, ...] = LENGTH_MODES,
+                 seed: int = 0, alg: str = "entropy", advance: Callable[..., None] | None = None,
+                 context: int = 512, dtype: str | None = None) -> dict[str, Any]:
+    """Whole-line infill on held-out stdlib code at each length mode, for every diffusion model; lines are limited
+    to what fits twice in the window (the 2x canvas). A model without the length states gets no `auto` row
+    (reported as refused)."""
+    from dreamlm.bench import machine
+
+    step = advance or (lambda *a, **k: None)
+    entries = load_entries(specs, dtype)
+    if any(e.kind != "diffusion" for e in entries):
+        raise DreamError("--lengths compares length modes of diffusion models; give only diffusion=PATH models")
+    tok = entries[0].model.tokenizer
+    assert tok is not None
+    context = min([context] + [e.model.config.context_length for e in entries if e.model is not None])
+    full = Window.for_context(context)
+    spare = full.middle // 2  # the 2x canvas holds twice the longest line
+    window = Window(full.prefix, full.suffix, full.middle - spare)
+    lines, _, dropped = line_cases(tok, n, seed, window)
+    max_span = context - full.prefix - full.suffix
+    results: dict[str, Any] = {}
+    for entry in entries:
+        model = entry.model
+        assert model is not None
+        row: dict[str, Any] = {"path": str(entry.path), "length_states": model.config.length_states, "modes": {}}
+        for mode in modes:
+            if mode == "auto" and not model.config.length_states:
+                row["modes"][mode] = {"refused": "no <|expand|>/<|delete|> tokens"}
+            else:
+                row["modes"][mode] = score_fills(tok, lines, length_filler(model, tok, mode, max_span, alg))
+            step(1, f"{entry.label}: line @ {mode}")
+        results[entry.label] = row
+    return {"command": "dreamlm " + " ".join(sys.argv[1:]) if sys.argv else "", "machine": machine(),
+            "settings": {"n": n, "seed": seed, "context": context, "modes": list(modes), "auto_start": AUTO_START,
+                         "max_span": max_span, "max_line_tokens": window.middle, "lines_dropped": dropped,
+                         "prefix_tokens": window.prefix, "suffix_tokens": window.suffix,
+                         "decoding": f"one token committed per step, {alg} order, argmax; auto: DreamOn's "
+                                     "expand/delete transitions between steps",
+                         "dtype": str(entries[0].model.dtype).removeprefix("torch.")},
+            "results": results}
+
+
+def length_table(report: dict[str, Any]) -> str:
+    """Markdown: exact match / edit similarity of whole-line infill per length mode."""
+    modes = report["settings"]["modes"]
+    lines = ["| model | " + " | ".join(f"line @ {m}" for m in modes) + " |", "|---" * (len(modes) + 1) + "|"]
+    for label, row in report["results"].items():
+        cells = [("refused (no length states)" if "refused" in r else
+                  f"{100 * r['exact_match']:.1f} % / {r['edit_similarity']:.3f}")
+                 for r in (row["modes"][m] for m in modes)]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_length_report(report: dict[str, Any], out_dir: Path) -> None:
+    """infill-lengths.md and infill-lengths.json under out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    s = report["settings"]
+    (out_dir / "infill-lengths.md").write_text(
+        f"`{report['command']}` on {report['machine']}; {s['n']} held-out whole lines (at most "
+        f"{s['max_line_tokens']} tokens, {s['prefix_tokens']} tokens before, {s['suffix_tokens']} after); cells are "
+        f"exact match / edit similarity; {s['decoding']}; auto starts from {s['auto_start']} masks and may grow "
+        f"to {s['max_span']}\n\n{length_table(report)}\n")
+    (out_dir / "infill-lengths.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -24,6 +24,8 @@ QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?
 SPECIAL_PATTERN = re.compile(r"<\|[^<>|\s]*\|>")
 SURROGATE = re.compile("[\ud800-\udfff]")  # a str may hold one (JSON "\ud800", undecodable argv); UTF-8 cannot
 MASK = "<|mask|>"
+EXPAND = "<|expand|>"  # DreamOn's length states: a slot that stands for two or more tokens ...
+DELETE = "<|delete|>"  # ... or for none
 ENDOFTEXT = "<|endoftext|>"
 
 

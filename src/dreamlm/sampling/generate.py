@@ -38,6 +38,9 @@ LogitsHook = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 DEFAULT_NEW_TOKENS = 20  # HF's default max_length, counted past the prompt as Dream does
 COMPILE_BUCKET = 64  # compiled forwards run on canvases rounded up to a multiple of this (and batches to a power of 2)
 COMPILE_GRAPHS = 64  # distinct compiled shapes allowed per model before an error (never a silent eager fallback)
+NO_LENGTH_STATES = ("this model has no <|expand|>/<|delete|> tokens (it was trained without DreamOn's length "
+                    "states), so it cannot choose a length; give each span's length (<|mask:N|>) or use a model "
+                    "trained with objective.length_rate")
 
 
 @dataclass
@@ -55,6 +58,8 @@ class DreamGenerationOutput:
     sequences: torch.Tensor
     history: list[torch.Tensor] | None = None
     forward_passes: int = 0
+    slots: torch.Tensor | None = None  # (B, N) the positions the sampler filled (they move when the length changes)
+    pad_mask: torch.Tensor | None = None  # (B, N) 0 on left padding (rows of a canvas that changed length), or None
 
 
 def shift_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -198,6 +203,15 @@ def plan(model: "DreamModel", input_ids: torch.Tensor, attention_mask: torch.Ten
             raise DreamError(f"attention_mask has shape {shape}, input_ids {list(input_ids.shape)}")
         if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
             raise DreamError("attention_mask must hold only 0 (padding) and 1 (token)")
+    if options.length_limit is not None:
+        if not config.length_states:
+            raise DreamError(NO_LENGTH_STATES)
+        if not N <= options.length_limit <= context:
+            raise DreamError(f"length_limit ({options.length_limit}) must lie between the canvas's {N} tokens and "
+                             f"the model's context of {context}")
+        if constraints is not None and constraints.pinned:
+            raise DreamError("pinned positions cannot be combined with length_limit: the canvas changes length, "
+                             "so positions move")
     device = model.device
     generator = _generator(device, generator, seed)
     input_ids = input_ids.to(device).repeat_interleave(num_return_sequences, dim=0)
@@ -224,6 +238,14 @@ def plan(model: "DreamModel", input_ids: torch.Tensor, attention_mask: torch.Ten
                 raise DreamError("banned_token_ids leaves no token the sampler may write (every id but the mask "
                                  "is banned)")
             banned = torch.tensor(sorted(set(constraints.banned_token_ids)), device=device)
+    if config.length_states and options.length_limit is not None and banned is not None:
+        # a canvas that may change length needs the two states (front ends ban them as non-text by default)
+        banned = banned[~torch.isin(banned, torch.tensor([config.expand_token_id, config.delete_token_id],
+                                                         device=device))]
+    if config.length_states and options.length_limit is None:
+        # a fixed canvas: the length states are not text (DreamOn also bans expand at a fixed length)
+        extra = torch.tensor([config.expand_token_id, config.delete_token_id], device=device)
+        banned = extra if banned is None else torch.unique(torch.cat([banned, extra]))
     first_real = pad_mask.argmax(dim=1) if pad_mask is not None else torch.zeros(x.shape[0], dtype=torch.long,
                                                                                      device=device)
     if bool((x.gather(1, first_real[:, None]) == mask_id).any()):
@@ -268,6 +290,10 @@ class DecodeState:
         config = model.config
         self.options = options
         self.mask_id, self.eos_id = config.mask_token_id, config.eos_token_id
+        self.expand_id, self.delete_id = config.expand_token_id, config.delete_token_id
+        self.causal = model.causal
+        pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+        self.pad_id = pad if pad is not None else 0
         self.generator, self.banned = generator, banned
         self.tokens_hook, self.logits_hook = tokens_hook, logits_hook
         self.pad_mask = pad_mask  # (B, N) 0/1 when the prompt is left-padded, else None
@@ -317,6 +343,9 @@ class DecodeState:
                 mask_index[:, :lo] = False
                 mask_index[:, hi:] = False
             rows, cols = mask_index.nonzero(as_tuple=True)
+            if not len(rows) and self.options.length_limit is not None:
+                self.done = True  # DreamOn: a canvas with no mask left is finished
+                break
             if len(rows) or self.options.vanilla:
                 self._mask_index, self._targets = mask_index, (rows, cols)
                 return self._targets
@@ -357,6 +386,8 @@ class DecodeState:
             if self.banned is not None:
                 logits = logits.index_fill(-1, self.banned, float("-inf"))
             self._commit(rows, cols, logits)
+        if self.options.length_limit is not None:
+            self._apply_length_states()
         if self.tokens_hook is not None:
             self.x = self._checked_canvas(self.tokens_hook(self.step_index, self.x, full))
         if self.history is not None:
@@ -368,10 +399,17 @@ class DecodeState:
         elif self.i == self.steps_per_block:
             self._next_block()
 
+    def row_ids(self) -> list[list[int]]:
+        """Each row's ids without the left padding (rows of a canvas that changed length differ in length)."""
+        if self.pad_mask is None:
+            return self.x.tolist()
+        return [row[keep].tolist() for row, keep in zip(self.x, self.pad_mask.bool())]
+
     def output(self, return_dict: bool) -> "torch.Tensor | DreamGenerationOutput":
         """The canvas (B, N), or a DreamGenerationOutput with history and forward passes."""
         if return_dict:
-            return DreamGenerationOutput(sequences=self.x, history=self.history, forward_passes=self.passes)
+            return DreamGenerationOutput(sequences=self.x, history=self.history, forward_passes=self.passes,
+                                         slots=self.slots, pad_mask=self.pad_mask)
         return self.x
 
     # ---- internals --------------------------------------------------------------------------------------------
@@ -386,8 +424,73 @@ class DecodeState:
                              f"{list(self.x.shape)}; got {type(x).__name__ if not isinstance(x, torch.Tensor) else list(x.shape)}")
         return x
 
+    def _commit_auto(self, rows: torch.Tensor, cols: torch.Tensor, logits: torch.Tensor) -> None:
+        """A step of a canvas that may change length: the most confident ceil(masks / steps left) slots per row
+        (all on the last step); a row with no room to grow (or on the last step) may not write `<|expand|>`."""
+        o = self.options
+        B = self.x.shape[0]
+        counts = torch.bincount(rows, minlength=B).tolist()
+        left = self.steps_per_block - self.i
+        last = left == 1
+        ks = [c if last else min(c, -(-c // left)) for c in counts]
+        lengths = self.pad_mask.sum(dim=1).tolist() if self.pad_mask is not None else [self.x.shape[1]] * B
+        full = [last or n + k > o.length_limit for n, k in zip(lengths, ks)]
+        if any(full):
+            no_room = torch.tensor(full, device=rows.device)[rows]
+            logits = logits.clone()
+            logits[no_room, self.expand_id] = float("-inf")
+        confidence, x0 = sample_tokens(logits, o.temperature, o.top_p, o.top_k, o.alg, self.generator)
+        if max(ks) > 0:
+            _commit_top(self.x, self._mask_index, rows, cols, confidence, x0, ks, o.alg_temp, self.generator,
+                        self.mask_id, None)
+
+    def _apply_length_states(self) -> None:
+        """DreamOn's transitions between steps: in each gap (a run of slots) a committed `<|delete|>` is removed
+        together with the masks after it in that gap, and a committed `<|expand|>` becomes two masks. Rows that end
+        up with different lengths are left-padded (pad_mask), as a batch of prompts is."""
+        if not bool(((self.x == self.expand_id) | (self.x == self.delete_id)).any()):
+            return
+        keep = self.pad_mask.bool() if self.pad_mask is not None else torch.ones_like(self.x, dtype=torch.bool)
+        rows, slot_rows = [], []
+        for ids, slots in zip(self.x.tolist(), (self.slots & keep).tolist()):
+            out, out_slots, deleting = [], [], False
+            for token, slot in zip(ids, slots):
+                if not slot:
+                    deleting = False
+                    out.append(token)
+                    out_slots.append(False)
+                elif token == self.delete_id or (deleting and token == self.mask_id):
+                    deleting = True
+                elif token == self.expand_id:
+                    out += [self.mask_id, self.mask_id]
+                    out_slots += [True, True]
+                else:
+                    out.append(token)
+                    out_slots.append(True)
+            rows.append(out)
+            slot_rows.append(out_slots)
+        if self.pad_mask is not None:  # drop the old left padding (pads are never slots)
+            for r, (ids, k) in enumerate(zip(self.x.tolist(), keep.tolist())):
+                first = k.index(True)
+                rows[r], slot_rows[r] = rows[r][first:], slot_rows[r][first:]
+        N = max(len(r) for r in rows)
+        device = self.x.device
+        self.x = torch.tensor([[self.pad_id] * (N - len(r)) + r for r in rows], dtype=torch.long, device=device)
+        self.slots = torch.tensor([[False] * (N - len(r)) + r for r in slot_rows], dtype=torch.bool, device=device)
+        self.answer = self.slots.clone()
+        if all(len(r) == N for r in rows):
+            self.pad_mask = self.attention = self.position_ids = None
+        else:
+            self.pad_mask = torch.tensor([[0] * (N - len(r)) + [1] * len(r) for r in rows], dtype=torch.long,
+                                         device=device)
+            self.position_ids = padding_positions(self.pad_mask)
+            self.attention = padding_attention(self.pad_mask, self.causal)
+
     def _commit(self, rows: torch.Tensor, cols: torch.Tensor, logits: torch.Tensor) -> None:
         o = self.options
+        if o.length_limit is not None:
+            self._commit_auto(rows, cols, logits)
+            return
         last = self.i == self.steps_per_block - 1
         if o.alg is Alg.ORIGIN:
             # Dream's ancestral step: each slot independently with probability 1 - s/t (1 on the last step)
@@ -662,6 +765,7 @@ def diffusion_generate(
     threshold: float | None = None,
     stop_at_eos: bool = False,
     compile: "bool | str | Callable" = False,  # noqa: A002 - the natural name; shadows the builtin only here
+    length_limit: int | None = None,
 ) -> "torch.Tensor | DreamGenerationOutput":
     """Dream's masked-diffusion sampler (spec §2); returns ids (B, N) or a DreamGenerationOutput.
 
@@ -671,9 +775,11 @@ def diffusion_generate(
     a torch.compile backend name/callable) runs every forward through `torch.compile(model, dynamic=False)` on the
     full canvas, batch and canvas rounded up to buckets (masked padding) so a few graphs serve every request; it
     combines with block_length, threshold and stop_at_eos but not with cache (cached spans change shape).
+    `length_limit` lets a model with DreamOn's `<|expand|>`/`<|delete|>` tokens grow and shrink the canvas (see
+    `SamplerOptions`); rows that end shorter than others come back left-padded with the pad id.
     """
     options = SamplerOptions(steps, eps, temperature, top_p, top_k, alg, alg_temp, block_length, cache,
-                             refresh_every, threshold, stop_at_eos)
+                             refresh_every, threshold, stop_at_eos, length_limit)
     check_compile(compile, options)
     state = plan(model, input_ids, attention_mask, max_new_tokens, max_length, options, num_return_sequences,
                  constraints, generator, seed, generation_tokens_hook_func, generation_logits_hook_func,

@@ -62,6 +62,12 @@ class SamplerOptions:
     has no mask. Confidence on a (0, 1] scale for every alg: p(x0) (`maskgit_plus`), p(1st) - p(2nd)
     (`topk_margin`), exp(-entropy) (`entropy`, the geometric-mean probability). `stop_at_eos` ends once every row's
     text up to its first EOS is complete, then writes EOS into every slot after it.
+
+    `length_limit` (DreamOn, for models with `<|expand|>`/`<|delete|>`): the canvas may change length between
+    steps, up to this many tokens: a slot that becomes `<|expand|>` turns into two masks, one that becomes
+    `<|delete|>` is removed with the masks after it in the same gap. Each step commits the most confident
+    ceil(masks / steps left) slots of a row (one a step when `steps` is large, DreamOn's setting) and decoding ends
+    when no mask is left or after `steps` steps (the last step commits every mask, expansion banned).
     """
 
     steps: int = 512
@@ -76,6 +82,7 @@ class SamplerOptions:
     refresh_every: int | None = None
     threshold: float | None = None
     stop_at_eos: bool = False
+    length_limit: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "alg", Alg.parse(self.alg))
@@ -108,6 +115,16 @@ class SamplerOptions:
             raise DreamError(f"stop_at_eos must be True or False, got {self.stop_at_eos!r}")
         if self.refresh_every is not None and self.cache is CacheMode.NONE:
             raise DreamError("refresh_every refreshes a key/value cache; it needs cache='prefix' or 'dual'")
+        if self.length_limit is not None:
+            if not (_integer(self.length_limit) and self.length_limit >= 1):
+                raise DreamError(f"length_limit must be an integer >= 1, got {self.length_limit!r}")
+            if not self.vanilla:
+                raise DreamError("a canvas that changes length (length_limit, DreamOn's expand/delete states) runs "
+                                 "without block_length, cache, threshold and stop_at_eos: cached keys/values and "
+                                 "block bounds would point at moved tokens")
+            if self.alg is Alg.ORIGIN:
+                raise DreamError("length_limit (automatic length) commits the most confident slots each step, as "
+                                 "DreamOn does; use alg entropy, maskgit_plus or topk_margin, not origin")
         if self.threshold is not None and self.alg is Alg.ORIGIN:
             raise DreamError("threshold commits slots by confidence, which alg='origin' does not have; "
                              "use maskgit_plus, topk_margin or entropy")

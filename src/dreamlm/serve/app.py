@@ -28,7 +28,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dreamlm.errors import DreamError
 from dreamlm.hub import model_label
 from dreamlm.sampling import Constraints, SamplerOptions, plan, steps_for_blocks
-from dreamlm.sampling.infill import MASK_SPAN, apply_stop, parse_template, unwritable_ids
+from dreamlm.sampling.infill import (AUTO_MAX_SPAN, AUTO_START, MASK_SPAN, apply_stop, parse_template,
+                                     unwritable_ids)
 from dreamlm.serve.engine import Engine, Job, QueueFull, ShuttingDown
 from dreamlm.serve.metrics import ServeMetrics
 from dreamlm.serve.protocol import (
@@ -141,6 +142,7 @@ class Prompt:
     prompt_tokens: int
     spans: list[tuple[int, int]] | None = None  # template prompts: the mask spans
 
+    auto_tail: int | None = None  # a suffix with automatic length (DreamOn): its tokens; the answer ends before it
     @property
     def masked(self) -> int:
         """Masked slots on the canvas."""
@@ -187,6 +189,12 @@ def layout(served: Served, prompt: Union[str, list[int]], max_tokens: int | None
         ids = [bos]
     tail = tok.encode(suffix) if suffix else []
     n_new = default_max_tokens if max_tokens is None else max_tokens
+    if suffix is not None and max_tokens is None and config.length_states:  # the model chooses the length
+        if len(ids) + AUTO_START + len(tail) > context:
+            raise ApiError(400, f"prompt ({len(ids)} tokens) + suffix ({len(tail)} tokens) leave no room in the "
+                                f"model's context of {context}", "prompt")
+        return Prompt(ids + [mask_id] * AUTO_START + tail, len(ids), len(ids) + AUTO_START, len(ids) + len(tail),
+                      auto_tail=len(tail))
     total = len(ids) + n_new + len(tail)
     if total > context:
         param = "max_tokens" if len(ids) + len(tail) < context else "prompt"
@@ -198,6 +206,8 @@ def layout(served: Served, prompt: Union[str, list[int]], max_tokens: int | None
 def default_steps(p: Prompt, block_length: int | None) -> int:
     """One step per masked token, rounded up to a multiple of the number of blocks."""
     first = p.lo if p.spans is None else p.spans[0][0]
+    if p.auto_tail is not None:
+        return 2 * AUTO_MAX_SPAN  # the most steps; decoding ends when no mask is left
     return steps_for_blocks(max(p.masked, 1), len(p.ids) - first, block_length)
 
 
@@ -246,7 +256,7 @@ def read_row(served: Served, p: Prompt, row: list[int], stops: list[str], chat: 
         text, stopped = apply_stop(text, stops)
         fills = [tok.decode(row[a:b]) for a, b in p.spans] if done else None
         return Answer(text, done or stopped, "stop", p.masked, fills)
-    region = row[p.lo:p.hi]
+    region = row[p.lo:p.hi if p.auto_tail is None else len(row) - p.auto_tail]
     settled = region[:region.index(mask_id)] if mask_id in region else region
     ids, ended = cut_at_end(settled, end_ids)
     text, stopped = apply_stop(tok.decode(ids), stops)
@@ -306,6 +316,16 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
     return stops
 
 
+def auto_length_limit(served: Served, p: Prompt, n: int) -> int | None:
+    """The canvas limit of a suffix request with automatic length (prompt + suffix + AUTO_MAX_SPAN), else None."""
+    if p.auto_tail is None:
+        return None
+    if n > 1:
+        raise ApiError(400, "n > 1 with a suffix of automatic length is not supported; send n requests, or give "
+                            "max_tokens for a fixed length", "n")
+    return min(len(p.ids) - (p.hi - p.lo) + AUTO_MAX_SPAN, served.model.config.context_length)
+
+
 def start_run(app: FastAPI, served: Served, req: CompletionRequest | ChatRequest, prompts: list[Prompt],
               stops: list[str], chat: bool) -> Run:
     """Plan each prompt and queue its job; every check happens before the first job is queued."""
@@ -325,7 +345,7 @@ def start_run(app: FastAPI, served: Served, req: CompletionRequest | ChatRequest
         try:
             options = SamplerOptions(steps, req.eps, req.temperature or 0.0, req.top_p, req.top_k, req.alg,
                                      req.alg_temp, req.block_length, req.cache, req.refresh_every, req.threshold,
-                                     req.stop_at_eos)
+                                     req.stop_at_eos, auto_length_limit(served, p, req.n))
             seed = req.seed if req.seed is not None else secrets.randbits(63)
             canvas = torch.tensor([p.ids], dtype=torch.long)
             states.append(plan(served.model, canvas, max_length=len(p.ids), options=options,

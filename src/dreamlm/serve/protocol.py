@@ -84,7 +84,8 @@ class CompletionRequest(DiffusionFields):
     prompt: Union[str, list[str], list[int], list[list[int]]] = Field(
         description="Text, a list of texts, token ids, or a list of token-id lists.")
     suffix: Optional[str] = Field(None, description="Text after the answer: the canvas is prompt + max_tokens masks "
-                                  "+ suffix (infilling).")
+                                  "+ suffix (infilling). Without max_tokens, a model with DreamOn's expand/delete "
+                                  "states chooses the length (up to 64 tokens).")
     max_tokens: Optional[int] = Field(None, ge=1, le=MAX_TOKENS_BOUND, description="Masked slots to fill "
                                       "(default 16).")
 

@@ -13,7 +13,8 @@ Sections and keys (all optional except data.train):
              part's own embedding turned by a fixed random rotation per position, so every edge into 15 shares
              a direction from the first step; a fresh init's words, or with init_from the words its
              checkpoint lacks). With init_from, a char tokenizer that differs from the checkpoint's (e.g.
-             char_words grown) keeps every shared token's trained rows and starts the new ones fresh
+             char_words grown) keeps every shared token's trained rows and starts the new ones fresh;
+             length_tokens (add DreamOn's <|expand|> and <|delete|> to the model, mean-initialised rows)
 [data]       stage ("pretrain": packed text/JSONL "text"; "sft": JSONL prompt/response, input/output or messages),
              train (list of files), valid (list of files), seq_len, chat (apply the chat template to prompts),
              separator (text appended to each prompt, e.g. "<|sep|>"), random_truncation (cut each SFT batch's
@@ -29,7 +30,11 @@ Sections and keys (all optional except data.train):
 [objective]  kind ("diffusion" or "ar"), weighting ("elbo" = 1/t, "linear", "cart", "none"), cart_p,
              focal_gamma (0 = off), focal_alpha, eps, span_rate (diffusion only: the share of training examples
              that mask one contiguous run of round(t * n) tokens instead of independent tokens, the shape of an
-             infilling problem; 0 = Dream's objective; evaluation always uses independent masks)
+             infilling problem; 0 = Dream's objective; evaluation always uses independent masks), length_rate
+             (diffusion only: the share of training examples given DreamOn's length-state augmentation, a middle
+             span of up to length_max_middle tokens whose masked runs merge into <|expand|> targets with
+             probability length_merge_p per pair, followed by 0..length_max_delete <|delete|> targets; needs
+             model.length_tokens; 0 = off)
 [optim]      lr, min_lr_ratio (cosine floor as a fraction of lr), weight_decay, beta1, beta2, warmup_steps,
              max_steps, batch_size (per process, per micro-step), grad_accum, clip (0 = off)
 [run]        out_dir, seed, log_every, eval_every, eval_batches, eval_solve (planning runs: also solve this many
@@ -45,7 +50,7 @@ Sections and keys (all optional except data.train):
 [adapter]    kind ("none" = train every weight; "lora": freeze the base, train low-rank updates of the target
              layers), rank, alpha, targets (linear layer names), train_norms (also train the RMSNorm weights),
              train_rows (input-embedding rows to train, e.g. a mask token the base never saw; "mask" = the
-             model's mask token), base (how the exported adapter names its base: a hub name or a path;
+             model's mask token, "expand" / "delete" its length-state tokens), base (how the exported adapter names its base: a hub name or a path;
              "" = model.init_from), init (an adapter directory of the same rank to start from, e.g. to continue
              the shipped adapter). The export is then an adapter directory (PEFT's layout), not full weights
 """
@@ -85,6 +90,7 @@ class ModelSection:
     tie_embeddings: bool = False
     init_std: float = 0.02
     compose_words: bool = False
+    length_tokens: bool = False
 
 
 @dataclass
@@ -112,6 +118,10 @@ class ObjectiveSection:
     focal_alpha: float = 0.25
     eps: float = 1e-3
     span_rate: float = 0.0
+    length_rate: float = 0.0
+    length_max_delete: int = 16
+    length_max_middle: int = 64
+    length_merge_p: float = 0.5
 
 
 @dataclass
@@ -242,6 +252,12 @@ class TrainConfig:
             (not self.data.sft_mix or self.data.stage == "pretrain",
              "data.sft_mix adds SFT rows to packed pretraining blocks (data.stage = 'pretrain')"),
             (0 <= self.objective.span_rate <= 1, "objective.span_rate must be in [0, 1]"),
+            (0 <= self.objective.length_rate <= 1, "objective.length_rate must be in [0, 1]"),
+            (self.objective.length_rate == 0 or self.objective.kind == "diffusion",
+             "objective.length_rate is for diffusion training (objective.kind = 'diffusion')"),
+            (self.objective.length_max_delete >= 0, "objective.length_max_delete must be >= 0"),
+            (self.objective.length_max_middle >= 1, "objective.length_max_middle must be >= 1"),
+            (0 <= self.objective.length_merge_p < 1, "objective.length_merge_p must be in [0, 1)"),
             (self.objective.span_rate == 0 or self.objective.kind == "diffusion",
              "objective.span_rate is for diffusion training (objective.kind = 'diffusion')"),
             (self.data.fim_rate == 0 or (self.objective.kind == "ar" and self.data.stage == "pretrain"),
@@ -257,8 +273,8 @@ class TrainConfig:
             (self.adapter.kind == "none" or bool(self.model.init_from),
              "adapter.kind = 'lora' adapts a pretrained model: set model.init_from"),
             (self.adapter.rank >= 1 and self.adapter.alpha > 0, "adapter.rank must be >= 1 and adapter.alpha > 0"),
-            (all(r == "mask" or r.isdigit() for r in self.adapter.train_rows),
-             "adapter.train_rows holds token ids or \"mask\""),
+            (all(r in ("mask", "expand", "delete") or r.isdigit() for r in self.adapter.train_rows),
+             "adapter.train_rows holds token ids, \"mask\", \"expand\" or \"delete\""),
             (not self.run.eval_solve or bool(self.data.task and self.data.valid),
              "run.eval_solve needs data.task and data.valid"),
             # ranges torch would only refuse with a traceback, or accept and train nothing / forever

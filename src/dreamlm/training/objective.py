@@ -89,6 +89,99 @@ def mask_span(maskable: torch.Tensor, t: torch.Tensor, generator: torch.Generato
     return masked
 
 
+@dataclass(frozen=True)
+class LengthStates:
+    """DreamOn's training augmentation (its `masking_merge` in our words): teach a model the `<|expand|>` and
+    `<|delete|>` states, so that at sampling a mask can become two masks or vanish.
+
+    For an example it picks a middle span of the maskable tokens (length uniform in 1..max_middle), appends
+    d ~ U{0..max_delete} delete tokens after it, masks each middle token with probability t and every delete, then
+    merges each masked run: every adjacent pair of masked middle tokens is joined with probability p (DreamOn's
+    merge_prob 0.5; with probability 1 - static_share scaled by the unmasked share, its "dynamic_inverse"
+    schedule), and a joined group of g >= 2 tokens becomes ONE masked slot whose target is `<|expand|>`. Prefix and
+    suffix stay clean (the infilling shape DreamOn trains on). The loss is the usual masked CE on the augmented
+    sequence; the deletes of a row share one token's weight (DreamOn averages its delete/EOS loss apart from the
+    rest, `weight_eos`), so a long run of easy deletes does not drown the text."""
+
+    mask_id: int
+    expand_id: int
+    delete_id: int
+    max_delete: int = 16
+    max_middle: int = 64
+    merge_p: float = 0.5
+    static_share: float = 0.5
+
+
+@dataclass
+class Augmented:
+    """One augmented row: z (the clean targets, with expand/delete tokens), masked (bool, same length) and sizes
+    (how many original tokens each position of z stands for: 1, g >= 2 for an expand, 0 for a delete)."""
+
+    z: list[int]
+    masked: list[bool]
+    sizes: list[int]
+
+
+def augment_lengths(x: list[int], maskable: list[bool], t: float, states: LengthStates,
+                    generator: torch.Generator | None = None) -> Augmented:
+    """The DreamOn augmentation of one row (see `LengthStates`); len(z) = len(x) - sum(g - 1) + d. Deterministic
+    for a given generator. A row with no maskable token comes back unchanged."""
+    where = [i for i, m in enumerate(maskable) if m]
+    if not where:
+        return Augmented(list(x), [False] * len(x), [1] * len(x))
+
+    def uniform() -> float:
+        return float(torch.rand(1, generator=generator))
+
+    # a contiguous run of maskable positions: packed blocks and SFT responses keep them contiguous
+    n = min(len(where), max(1, int(uniform() * states.max_middle) + 1))
+    start = where[int(uniform() * (len(where) - n + 1))]
+    lo, hi = start, start + n
+    deletes = int(uniform() * (states.max_delete + 1))
+    hidden = [uniform() < t for _ in range(n)]
+    share = sum(hidden) / n
+    p = states.merge_p if uniform() < states.static_share else states.merge_p * (1 - share)
+    z, masked, sizes = list(x[:lo]), [False] * lo, [1] * lo
+    i = 0
+    while i < n:
+        g = 1
+        while hidden[i] and i + g < n and hidden[i + g] and uniform() < p:
+            g += 1
+        z.append(states.expand_id if g > 1 else x[lo + i])
+        masked.append(hidden[i])
+        sizes.append(g)
+        i += g
+    z += [states.delete_id] * deletes
+    masked += [True] * deletes
+    sizes += [0] * deletes
+    z += list(x[hi:])
+    masked += [False] * (len(x) - hi)
+    sizes += [1] * (len(x) - hi)
+    return Augmented(z, masked, sizes)
+
+
+def restore_lengths(augmented: Augmented, source: list[int], states: LengthStates) -> list[int]:
+    """The inverse of `augment_lengths`: each expand becomes the g tokens it merged (read from `source` at the
+    same offset), each delete disappears, every other token stays; gives back the original row."""
+    out: list[int] = []
+    for token, size in zip(augmented.z, augmented.sizes):
+        if token == states.delete_id:
+            continue
+        if token == states.expand_id:
+            out.extend(source[len(out):len(out) + size])
+        else:
+            out.append(token)
+    return out
+
+
+def fit_length(augmented: Augmented, length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """z and masked cut or right-padded (with `pad_id`, never masked) to `length`, so rows batch as before."""
+    z, masked = augmented.z[:length], augmented.masked[:length]
+    extra = length - len(z)
+    return (torch.tensor(z + [pad_id] * extra, dtype=torch.long),
+            torch.tensor(masked + [False] * extra, dtype=torch.bool))
+
+
 @lru_cache(maxsize=16)
 def _decay_matrix(length: int, p: float, device: str) -> torch.Tensor:
     d = (torch.arange(length)[:, None] - torch.arange(length)[None, :]).abs()
@@ -122,14 +215,19 @@ def masked_ce(model: DreamModel, noisy: torch.Tensor, x: torch.Tensor, masked: t
 
 
 def diffusion_loss(model: DreamModel, x: torch.Tensor, maskable: torch.Tensor, objective: DiffusionObjective,
-                   t: torch.Tensor, masked: torch.Tensor, denominator: float | None = None) -> LossOutput:
-    """Weighted CE over the masked tokens of a prepared (t, masked) draw, divided by the masked count."""
+                   t: torch.Tensor, masked: torch.Tensor, denominator: float | None = None,
+                   scale: torch.Tensor | None = None) -> LossOutput:
+    """Weighted CE over the masked tokens of a prepared (t, masked) draw, divided by the masked count; `scale`
+    (B, L) multiplies the weights (the length states' deletes share one token's weight)."""
     mask_id = model.config.mask_token_id
     if mask_id is None:
         raise DreamError("the model has no mask_token_id; convert it to a diffusion model first")
     noisy = torch.where(masked, torch.full_like(x, mask_id), x)
     ce = masked_ce(model, noisy, x, masked)
-    w = token_weights(objective, t.to(x.device), masked)[masked]
+    w = token_weights(objective, t.to(x.device), masked)
+    if scale is not None:
+        w = w * scale.to(w.device)
+    w = w[masked]
     if objective.focal_gamma > 0:
         ce = objective.focal_alpha * (1 - torch.exp(-ce.detach())) ** objective.focal_gamma * ce
     total = (w * ce).sum()

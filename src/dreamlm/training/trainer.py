@@ -27,7 +27,7 @@ from dreamlm.errors import DreamError
 from dreamlm.files import output_dir
 from dreamlm.hub import resolve
 from dreamlm.adapter import LoraSpec, add_lora, load_adapter_weights, save_adapter
-from dreamlm.checkpoint import resolve_device
+from dreamlm.checkpoint import add_length_tokens, resolve_device
 from dreamlm.model import DreamModel
 from dreamlm.precision import training_precision
 from dreamlm.tokenizer import DreamTokenizer
@@ -35,8 +35,8 @@ from dreamlm.training.config import TrainConfig
 from dreamlm.training.data import (Batch, ExampleBatches, MixedBatches, PackedBlocks, char_tokenizer,
                                    check_data_files,
                                    read_examples, resolve_files)
-from dreamlm.training.objective import (DiffusionObjective, LossOutput, ar_loss, diffusion_loss, mask_span,
-                                        mask_tokens, sample_times)
+from dreamlm.training.objective import (DiffusionObjective, LengthStates, LossOutput, ar_loss, augment_lengths,
+                                        diffusion_loss, fit_length, mask_span, mask_tokens, sample_times)
 from dreamlm.training.parallel import (World, all_reduce_sum, barrier, full_state, init_world, load_full_state,
                                        shard_model, shutdown)
 from dreamlm.training.state import LATEST, checkpoint_root, load_training_checkpoint, save_training_checkpoint
@@ -48,28 +48,48 @@ class Noise:
 
     t: torch.Tensor
     masked: torch.Tensor
+    x: torch.Tensor | None = None  # the clean targets when an augmentation changed them (length states), else None
+    scale: torch.Tensor | None = None  # (B, L) weight multipliers, or None
 
 
-def draw_noise(batch: Batch, seed: int, eps: float, mask_token_id: int, span_rate: float = 0.0) -> Noise:
+def draw_noise(batch: Batch, seed: int, eps: float, mask_token_id: int, span_rate: float = 0.0,
+               length_rate: float = 0.0, states: LengthStates | None = None, pad_id: int = 0) -> Noise:
     """Per-example t ~ U(eps, 1) and Bernoulli(t) masks, each from a generator seeded by the example's index; with
     span_rate > 0 that share of examples (drawn after, so span_rate 0 leaves every draw as it was) masks one
-    contiguous run of the same size instead (objective.mask_span)."""
-    ts, masks = [], []
+    contiguous run of the same size instead (objective.mask_span); with length_rate > 0 that share (drawn after
+    that) is replaced by DreamOn's length-state augmentation of the row (objective.augment_lengths), cut or
+    EOS-padded back to the block length."""
+    ts, masks, xs, scales = [], [], [], []
+    augmented_any = False
     for row in range(batch.x.shape[0]):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + int(batch.index[row]) * 2 + 1)
         t = sample_times(1, eps, gen)
         _, masked = mask_tokens(batch.x[row:row + 1], batch.maskable[row:row + 1], t, mask_token_id, gen)
         if span_rate > 0 and float(torch.rand(1, generator=gen)) < span_rate:
             masked = mask_span(batch.maskable[row:row + 1], t, gen)
+        x, scale = batch.x[row:row + 1], torch.ones(1, batch.x.shape[1])
+        if length_rate > 0 and float(torch.rand(1, generator=gen)) < length_rate:
+            aug = augment_lengths(batch.x[row].tolist(), batch.maskable[row].tolist(), float(t), states, gen)
+            z, m = fit_length(aug, batch.x.shape[1], pad_id)
+            x, masked = z[None], m[None]
+            deletes = (z == states.delete_id) & m
+            if bool(deletes.any()):
+                scale[0, deletes] = 1.0 / int(deletes.sum())
+            augmented_any = True
         ts.append(t)
         masks.append(masked)
-    return Noise(torch.cat(ts), torch.cat(masks))
+        xs.append(x)
+        scales.append(scale)
+    if not augmented_any:
+        return Noise(torch.cat(ts), torch.cat(masks))
+    return Noise(torch.cat(ts), torch.cat(masks), torch.cat(xs), torch.cat(scales))
 
 
 def lora_spec(cfg: TrainConfig, config: DreamConfig) -> LoraSpec:
     """The run's LoRA settings, with "mask" in adapter.train_rows read as the model's mask token id."""
     a = cfg.adapter
-    rows = [config.mask_token_id if r == "mask" else int(r) for r in a.train_rows]
+    named = {"mask": config.mask_token_id, "expand": config.expand_token_id, "delete": config.delete_token_id}
+    rows = [named[r] if r in named else int(r) for r in a.train_rows]
     return LoraSpec(a.rank, a.alpha, list(a.targets), a.train_norms, [r for r in rows if r is not None])
 
 
@@ -89,6 +109,12 @@ def build_tokenizer(cfg: TrainConfig) -> DreamTokenizer:
     if m.char_alphabet:
         return char_tokenizer(m.char_alphabet, m.char_words)
     source = m.tokenizer or (resolve(m.init_from) if m.init_from else "")  # init_from may be a model name
+    if not m.tokenizer and m.init_from:
+        from dreamlm.adapter import is_adapter_dir
+        from dreamlm.checkpoint import adapter_base
+
+        if is_adapter_dir(Path(source)):  # a base + adapter model (e.g. smollm2): the base holds the tokenizer
+            source = adapter_base(Path(source))
     if not source:
         raise DreamError("train config: set model.tokenizer (a directory), model.char_alphabet or model.init_from")
     return DreamTokenizer.from_pretrained(source)
@@ -102,6 +128,8 @@ def build_model(cfg: TrainConfig, tokenizer: DreamTokenizer) -> DreamModel:
         model.config.causal = causal
         if model.tokenizer is not None:
             adapt_vocabulary(model, model.tokenizer, tokenizer, cfg)
+        if cfg.model.length_tokens:
+            add_length_tokens(model, tokenizer)
         check_memory(cfg, model.config)
     else:
         m = cfg.model
@@ -121,6 +149,9 @@ def build_model(cfg: TrainConfig, tokenizer: DreamTokenizer) -> DreamModel:
         if m.compose_words and not compose_word_embeddings(model, tokenizer, cfg.run.seed):
             raise DreamError("model.compose_words: no char_words token is made of other tokens (e.g. the edges "
                              "\"10..18>10..18\" with the names \"10..18\")")
+    if cfg.objective.length_rate > 0 and not model.config.length_states:
+        raise DreamError("objective.length_rate needs the <|expand|> and <|delete|> tokens: set "
+                         "model.length_tokens = true (adds them to the init_from model)")
     if cfg.objective.kind == "diffusion" and model.config.mask_token_id is None:
         raise DreamError("diffusion training needs a mask token: run `dreamlm convert` on the AR checkpoint first")
     if cfg.data.task:
@@ -351,15 +382,22 @@ class Trainer:
         x = batch.x.to(self.world.device)
         if self.cfg.objective.kind == "ar":
             return ar_loss(self.model, x, batch.ar_targets.to(self.world.device), denominator)
+        if noise.x is not None:
+            x = noise.x.to(self.world.device)
         return diffusion_loss(self.model, x, batch.maskable.to(self.world.device), self.objective,
-                              noise.t, noise.masked.to(self.world.device), denominator)
+                              noise.t, noise.masked.to(self.world.device), denominator, noise.scale)
 
     def _noise(self, batch: Batch, train: bool = True) -> Noise | None:
         """The batch's forward-process draw; evaluation always uses independent masks (the plain objective)."""
         if self.cfg.objective.kind == "ar":
             return None
-        return draw_noise(batch, self.cfg.run.seed, self.cfg.objective.eps, self.model_config.mask_token_id,
-                          self.cfg.objective.span_rate if train else 0.0)
+        o, c = self.cfg.objective, self.model_config
+        states = None
+        if o.length_rate > 0:
+            states = LengthStates(c.mask_token_id, c.expand_token_id, c.delete_token_id, o.length_max_delete,
+                                  o.length_max_middle, o.length_merge_p)
+        return draw_noise(batch, self.cfg.run.seed, o.eps, c.mask_token_id, o.span_rate if train else 0.0,
+                          o.length_rate if train else 0.0, states, self.pad)
 
     def _count(self, batch: Batch, noise: Noise | None) -> int:
         return int(batch.ar_targets.sum()) if noise is None else int(noise.masked.sum())

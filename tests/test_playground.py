@@ -170,6 +170,21 @@ def test_errors_are_shown_inline_in_plain_words(page):
     expect(error).to_contain_text("a sudoku must be 4 lines of 4 digits")
 
 
+def test_an_error_clears_the_canvas_and_the_counters(page):
+    page.fill("#text-prompt", "Once upon a time")
+    page.fill("#text-max", "6")
+    page.click("#text-go")
+    expect(page.locator("#text-state")).to_have_text("done", timeout=30_000)
+    assert page.locator("#text-canvas .tok").count() > 0 and page.locator("#text-step").inner_text() == "6"
+    page.fill("#text-max", "100000")  # refused by the server: the last run must not stay on screen beside the error
+    page.click("#text-go")
+    expect(page.locator("#text-state")).to_have_text("error", timeout=30_000)
+    expect(page.locator("#error")).to_contain_text("max_tokens")
+    assert page.locator("#text-canvas .tok").count() == 0
+    assert [page.locator(f"#text-{c}").inner_text() for c in ("step", "passes", "rate")] == ["0", "0", "0"]
+    assert page.locator("#text-scrub").is_disabled()
+
+
 def test_tabs_work_from_the_keyboard_and_the_page_fits_a_phone(page):
     page.focus("#tab-text")
     page.keyboard.press("ArrowRight")

@@ -299,7 +299,7 @@ def test_a_client_that_goes_away_frees_its_slot(server, client):
     while served.engine.active and time.monotonic() < deadline:
         time.sleep(0.02)
     assert served.engine.active == 0
-    assert 'outcome="failed"' in httpx.get(server[0] + "/metrics").text
+    assert 'outcome="disconnected"' in httpx.get(server[0] + "/metrics").text  # not a failure of the server
     assert client.completions.create(model="tiny-dream", prompt=PROMPT, max_tokens=3, seed=0).choices
 
 
@@ -410,11 +410,11 @@ def test_sigterm_lets_the_running_request_finish_then_exits():
     from dreamlm.serve.bench import ServerProcess
     from dreamlm.serve.local import model_paths
 
-    server = ServerProcess(model_paths("tiny-dream")[0], batching=True)
+    server = ServerProcess(model_paths("tiny-dream")[0], batching=True, threads=1)  # steady steps on a busy machine
     result: dict = {}
 
     def long_request() -> None:
-        body = {"model": "tiny-dream", "prompt": PROMPT, "max_tokens": 128, "steps": 600, "seed": 0}
+        body = {"model": "tiny-dream", "prompt": PROMPT, "max_tokens": 128, "steps": 200, "seed": 0}  # well in 30 s
         result["response"] = httpx.post(server.url + "/v1/completions", json=body, timeout=120)
 
     thread = threading.Thread(target=long_request)
@@ -427,7 +427,7 @@ def test_sigterm_lets_the_running_request_finish_then_exits():
         server.proc.send_signal(signal.SIGTERM)
         thread.join(timeout=120)
         assert result["response"].status_code == 200
-        assert result["response"].json()["usage"]["steps"] == 600
+        assert result["response"].json()["usage"]["steps"] == 200
         # uvicorn re-raises the caught SIGTERM once shut down, so the exit status is the signal's, as for any server
         assert server.proc.wait(timeout=60) in (0, -signal.SIGTERM)
     finally:

@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dreamlm.errors import DreamError
-from dreamlm.hub import require_model_dir
+from dreamlm.hub import model_config_file, model_label, require_model_dir
 from dreamlm.files import output_dir, output_file, read_text
 from dreamlm.hub import DEFAULT_MODEL
 from dreamlm.sampling.infill import unwritable_ids
@@ -56,7 +56,7 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
-def load(model_dir: Optional[Path], dtype: Optional[str], device: Optional[str]):
+def load(model_dir: Optional[str], dtype: Optional[str], device: Optional[str]):
     """Model and tokenizer from a directory (default: the bundled model)."""
     from dreamlm.model import DreamModel
 
@@ -202,7 +202,7 @@ def sampler_kwargs(steps: int, eps: float, temperature: float, top_p: Optional[f
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="Prompt text (special tokens like <|im_start|> allowed)."),
-    model: Optional[Path] = ModelOpt,
+    model: Optional[str] = ModelOpt,
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
     max_new_tokens: int = typer.Option(64, help="Tokens to generate after the prompt."),
     steps: Optional[int] = StepsOpt, eps: float = EpsOpt, temperature: float = TempOpt,
@@ -268,7 +268,7 @@ def infill(
     template: str = typer.Argument(..., help="Text with <|mask|> (one token) or <|mask:N|> (N tokens) spans, or "
                                    "<|mask:auto|> / <|mask:auto:N|> (the model chooses the length, from N masks; "
                                    "needs a model with the expand/delete states)."),
-    model: Optional[Path] = ModelOpt,
+    model: Optional[str] = ModelOpt,
     steps: Optional[int] = StepsOpt, eps: float = EpsOpt, temperature: float = TempOpt,
     top_p: Optional[float] = TopPOpt, top_k: Optional[int] = TopKOpt, alg: str = AlgOpt,
     alg_temp: Optional[float] = AlgTempOpt, seed: int = SeedOpt, as_json: bool = JsonOpt,
@@ -520,7 +520,7 @@ def solve(
     puzzle: Optional[str] = typer.Argument(None, help="The puzzle in the spec's format (\\n allowed for newlines)."),
     file: Optional[Path] = typer.Option(None, "--file", help="JSONL of {\"input\": ...} lines to solve."),
     out_file: Optional[Path] = typer.Option(None, "--out", help="Write {\"input\",\"output\",\"valid\"} lines here."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Planning model directory or bundled name "
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Planning model directory or bundled name "
                                          "(default: the bundled one for the puzzle)."),
     ar: bool = typer.Option(False, "--ar", help="Use the bundled AR baseline instead of the diffusion solver."),
     steps: Optional[int] = typer.Option(None, help="Dream-schedule sampling steps "
@@ -690,7 +690,7 @@ SERVE_MAX_TOKENS = 1024  # dreamlm serve's default --max-tokens
 
 @app.command()
 def serve(
-    models: Optional[list[Path]] = typer.Argument(None, help="Model directories or names (bundled, pulled: "
+    models: Optional[list[str]] = typer.Argument(None, help="Model directories or names (bundled, pulled: "
                                                   "smollm2; default: every bundled diffusion model, by folder name)."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (0.0.0.0 exposes the server to the network)."),
     port: int = typer.Option(8000, help="TCP port."),
@@ -704,6 +704,8 @@ def serve(
     max_queue: int = typer.Option(256, help="Requests that may wait per model (503 + Retry-After above)."),
     max_batch_tokens: int = typer.Option(16384, help="Canvas tokens (rows x length) per batched forward."),
     batching: bool = typer.Option(True, "--batching/--no-batching", help="Share forwards across requests."),
+    grace: float = typer.Option(30.0, help="Seconds that requests in flight get to finish after SIGTERM (new ones "
+                                           "get 503); then they end with an error and the server exits."),
     dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt,
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
 ) -> None:
@@ -718,16 +720,17 @@ def serve(
         if not 0 <= port <= 65535:
             raise DreamError(f"port must be in 0..65535, got {port}")
         check_number("timeout", timeout)
+        check_number("grace", grace)
         precision = choose_precision(dtype, device)
         if api_key is None and os.environ.get("DREAMLM_API_KEY") is not None:  # click drops an empty variable
             raise DreamError("DREAMLM_API_KEY is set but empty; set it to a key, or unset it to serve without one")
         limits = Limits(max_tokens=max_tokens, max_n=max_n, max_steps=max_steps, timeout=timeout,
                         max_body_bytes=max_body, max_queue=max_queue, max_batch_tokens=max_batch_tokens,
-                        batching=batching, api_key=api_key)
+                        batching=batching, api_key=api_key, grace=grace)
         paths = [model_path(m) for m in models] if models else bundled_models()
         for path in paths:
             require_model_dir(path)
-        from dreamlm.serve.local import listen
+        from dreamlm.serve.local import listen, serve_app
 
         sock, exposed = listen(host, port)  # a busy port or a bad host fails here, before the models load
         port = sock.getsockname()[1]
@@ -739,15 +742,11 @@ def serve(
             served = load_models(paths, limits, dtype=str(precision.dtype).removeprefix("torch."), device=device)
             app_ = create_app(served, limits)
             announce(precision)
-            import uvicorn
-
             logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
             err.print(f"serving {', '.join(served)} on http://{host}:{port}/v1 (batching "
                       f"{'on' if batching else 'off'}{', API key required' if api_key else ''})", highlight=False,
                       soft_wrap=True)
-            config = uvicorn.Config(app_, host=host, port=port, log_level=log_level, access_log=False,
-                                    timeout_graceful_shutdown=int(limits.grace))
-            server = uvicorn.Server(config)
+            server = serve_app(app_, sock, log_level)  # SIGTERM drains first (see dreamlm.serve.gate)
             server.run(sockets=[sock])
         finally:
             sock.close()
@@ -942,9 +941,9 @@ def bench_chat(model: str = typer.Option("smollm2", "--model", "-m", help="The d
 
 
 @bench_app.command("serve")
-def bench_serve(model: Optional[Path] = typer.Option(None, "--model", "-m",
-                                                   help="Model directory (default: the bundled tiny-dream, random "
-                                                        "weights: it measures the server, not a model)."),
+def bench_serve(model: Optional[str] = typer.Option(None, "--model", "-m",
+                                                   help="Model directory or name (default: the bundled tiny-dream, "
+                                                        "random weights: it measures the server, not a model)."),
                 concurrency: str = typer.Option("1,4,16,64", help="Comma-separated client counts."),
                 max_tokens: int = typer.Option(32, help="Tokens per request (one denoising step each)."),
                 temperature: float = typer.Option(0.0, help="Sampling temperature of every request (0 = argmax)."),
@@ -972,7 +971,7 @@ def bench_serve(model: Optional[Path] = typer.Option(None, "--model", "-m",
         check_number("temperature", temperature)
         if not 0 <= temperature <= 2:
             raise DreamError(f"--temperature must be in [0, 2] (what the server accepts), got {temperature}")
-        context = DreamConfig.from_json_file(Path(path) / "config.json").context_length
+        context = DreamConfig.from_json_file(model_config_file(path)).context_length
         if max_tokens > min(SERVE_MAX_TOKENS, context - 1):
             raise DreamError(f"--max-tokens must be at most {min(SERVE_MAX_TOKENS, context - 1)} (the server's cap "
                              f"of {SERVE_MAX_TOKENS} and this model's context of {context}), got {max_tokens}")
@@ -985,7 +984,7 @@ def bench_serve(model: Optional[Path] = typer.Option(None, "--model", "-m",
 
 @app.command("eval")
 def eval_cmd(
-    model: Optional[list[Path]] = typer.Option(None, "--model", "-m", help="Model directory or name (repeat for "
+    model: Optional[list[str]] = typer.Option(None, "--model", "-m", help="Model directory or name (repeat for "
                                                                           "several; default: the bundled stdlib-code)."),
     bundled: bool = typer.Option(False, "--bundled", help="Evaluate every bundled model on its default tasks."),
     tasks: Optional[str] = typer.Option(None, help="Comma-separated shipped tasks (default: the model's own; "
@@ -1051,14 +1050,14 @@ def eval_cmd(
                 announce(precision)
             scores = {task: {k.split(",")[0]: v for k, v in r.items() if k.endswith(",none") and "stderr" not in k}
                       for task, r in result["results"].items()}
-            run = {"model": d.name, "tasks": scores, "seconds": round(seconds, 1),
+            run = {"model": model_label(d), "tasks": scores, "seconds": round(seconds, 1),
                    "n": {t: c["effective"] for t, c in result.get("n-samples", {}).items()}}
             if log_samples:  # per document: its id and the model's filtered responses
                 run["samples"] = {t: sorted([s["doc_id"], s["filtered_resps"]] for s in rows)
                                   for t, rows in result["samples"].items()}
             runs.append(run)
             for task, metrics in scores.items():
-                out.print(f"{d.name:20s} {task:22s} " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+                out.print(f"{model_label(d):20s} {task:22s} " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items())
                           + f"   ({seconds:.1f} s)")
         if output is not None and runs:
             report = {"command": "dreamlm " + " ".join(sys.argv[1:]), "args": args, "limit": limit,

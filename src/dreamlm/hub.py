@@ -109,6 +109,16 @@ def require_model_dir(path: str | Path) -> Path:
     return Path(path)
 
 
+def model_config_file(path: str | Path) -> Path:
+    """The config.json describing a model directory: its own, or for an adapter directory its base's."""
+    path = require_model_dir(path)
+    if (path / "config.json").is_file():
+        return path / "config.json"
+    from dreamlm.checkpoint import adapter_base  # checkpoint imports the model; hub stays light
+
+    return adapter_base(path) / "config.json"
+
+
 def model_names() -> dict[str, str]:
     """Every name the resolver knows, with where it is (or how to get it)."""
     names = {n: f"bundled: {assets_dir() / n}" for n in bundled_names()}
@@ -132,6 +142,6 @@ def resolve(model: str | Path | None, default: str = DEFAULT_MODEL) -> Path:
     if path.exists():
         raise DreamError(f"{path} is a file, not a model directory")
     if os.sep in text or "/" in text or text.startswith("."):
-        raise DreamError(f"model directory {path} does not exist")
+        raise DreamError(f"model directory {text} does not exist")
     known = ", ".join(bundled_names() + list(PULLED))
     raise DreamError(f"unknown model {text!r}: not a folder and not a model name; names: {known}")

@@ -31,6 +31,7 @@ from dreamlm.sampling import Constraints, SamplerOptions, plan, steps_for_blocks
 from dreamlm.sampling.infill import (AUTO_MAX_SPAN, AUTO_START, MASK_SPAN, apply_stop, parse_template,
                                      unwritable_ids)
 from dreamlm.serve.engine import Engine, Job, QueueFull, ShuttingDown
+from dreamlm.serve.gate import DISCONNECTED, Gate, Guard
 from dreamlm.serve.metrics import ServeMetrics
 from dreamlm.serve.protocol import (
     ERROR_RESPONSES,
@@ -276,6 +277,7 @@ class Run:
     stops: list[str]
     chat: bool
     events: asyncio.Queue
+    outcome: str | None = None  # how it ended, for /metrics: ok, disconnected, timeout, shutdown, error
 
     def cancel(self) -> None:
         """Every job leaves at its next step."""
@@ -368,24 +370,36 @@ def start_run(app: FastAPI, served: Served, req: CompletionRequest | ChatRequest
     return run
 
 
+OUTCOMES = {"timeout": "timeout", "cancelled": "shutdown", "error": "error"}  # an engine event -> /metrics outcome
+
+
 async def wait_all(request: Request, run: Run) -> None:
-    """Wait until every job is done; a timeout is a 504, an engine failure a 500, a client gone cancels."""
+    """Wait until every job is done; a timeout is a 504, an engine failure a 500, shutdown a 503, a client gone
+    cancels (499, which only the log sees)."""
     pending = len(run.jobs)
-    while pending:
-        try:
-            event = await asyncio.wait_for(run.events.get(), timeout=0.5)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                run.cancel()
-                raise ApiError(499, "the client went away") from None
-            continue
-        kind = event["type"]
-        if kind == "step":
-            continue
-        if kind != "done":
+    try:
+        while pending:
+            try:
+                event = await asyncio.wait_for(run.events.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    run.outcome = "disconnected"
+                    raise ApiError(DISCONNECTED, "the client went away") from None
+                continue
+            kind = event["type"]
+            if kind == "step":
+                continue
+            if kind != "done":
+                run.outcome = OUTCOMES.get(kind, "error")
+                raise end_error(kind, event.get("error"))
+            pending -= 1
+        run.outcome = "ok"
+    except asyncio.CancelledError:  # the drain cut the request after the grace period
+        run.outcome = "shutdown"
+        raise
+    finally:
+        if pending:
             run.cancel()
-            raise end_error(kind, event.get("error"))
-        pending -= 1
 
 
 def end_error(kind: str, message: str | None) -> ApiError:
@@ -393,8 +407,8 @@ def end_error(kind: str, message: str | None) -> ApiError:
     if kind == "timeout":
         return ApiError(504, message or "the request took longer than the server's timeout", code="timeout")
     if kind == "cancelled":
-        return ApiError(503, message or "the request was cancelled (the server is shutting down)",
-                        code="cancelled", headers={"Retry-After": "5"})
+        return ApiError(503, message or "the server is shutting down and ended this request before it finished",
+                        code="shutting_down", headers={"Retry-After": "5"})
     return ApiError(500, message or "the model failed on this request", code="engine_error")
 
 
@@ -405,9 +419,10 @@ def sse(data: Any, event: str | None = None) -> str:
 
 
 async def stream_run(run: Run, req: CompletionRequest | ChatRequest, rid: str, created: int,
-                     want_steps: bool, metrics: ServeMetrics) -> AsyncIterator[str]:
+                     want_steps: bool, metrics: ServeMetrics, state: Any = None) -> AsyncIterator[str]:
     """SSE: chunks of newly settled text per choice, optional dreamlm.step frames, a finish chunk per choice,
-    usage when asked, then [DONE]. The client going away cancels the jobs (the generator is closed)."""
+    usage when asked, then [DONE]; a job that fails, times out or is ended by shutdown: an error event, then [DONE].
+    The client going away cancels the jobs (the generator is closed). `state`: the request's, for the log line."""
     served, n, chat = run.served, run.n, run.chat
     obj = "chat.completion.chunk" if chat else "text_completion"
     sent = [""] * (len(run.prompts) * n)
@@ -457,10 +472,13 @@ async def stream_run(run: Run, req: CompletionRequest | ChatRequest, rid: str, c
                         yield piece
                 continue
             if kind != "done":
+                run.outcome = OUTCOMES.get(kind, "error")
                 error = end_error(kind, event.get("error"))
+                if state is not None:
+                    state.error = error.message
                 yield sse(error_json(error.message, ApiError.TYPES.get(error.status, "server_error"),
                                      code=error.code))
-                run.cancel()
+                yield "data: [DONE]\n\n"
                 return
             pending -= 1
             for r, row in enumerate(run.jobs[tag].state.x.tolist()):
@@ -470,8 +488,11 @@ async def stream_run(run: Run, req: CompletionRequest | ChatRequest, rid: str, c
             yield sse({"id": rid, "object": obj, "created": created, "model": served.name, "choices": [],
                        "usage": run.usage()})
         yield "data: [DONE]\n\n"
-    finally:
+        run.outcome = "ok"
+    finally:  # also when the client went away (the generator is closed) or the drain cut the stream
         run.cancel()
+        if run.outcome is None:
+            run.outcome = "disconnected" if served.engine.running else "shutdown"
         metrics.observe_request(served.name, run)
 
 
@@ -497,6 +518,7 @@ def create_app(models: dict[str, Served], limits: Limits | None = None) -> FastA
     """The FastAPI app serving `models` (engines are started and stopped with the app's lifespan)."""
     limits = limits or Limits()
     metrics = ServeMetrics(models)
+    gate = Gate([s.engine for s in models.values()], limits.grace)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -505,12 +527,14 @@ def create_app(models: dict[str, Served], limits: Limits | None = None) -> FastA
             if not served.engine.running:
                 served.engine.start()
         yield
-        await asyncio.gather(*(asyncio.to_thread(s.engine.stop, limits.grace) for s in models.values()))
+        await gate.drain()  # done already when a signal started the shutdown (serve.local.GracefulServer)
+        # nothing is in flight now; a step still running (its requests already answered) is not waited for long
+        await asyncio.gather(*(asyncio.to_thread(s.engine.stop, 0.0, 0.1) for s in models.values()))
 
     app = FastAPI(title="dreamlm", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible completions and chat for Dream-style diffusion LMs, batched per "
                               "model at every denoising step.")
-    app.state.limits, app.state.models, app.state.metrics = limits, models, metrics
+    app.state.limits, app.state.models, app.state.metrics, app.state.gate = limits, models, metrics, gate
 
     async def authorized(request: Request) -> None:
         if limits.api_key is None:
@@ -640,7 +664,7 @@ def create_app(models: dict[str, Served], limits: Limits | None = None) -> FastA
         created = int(time.time())
         request.state.prompt_tokens = sum(p.prompt_tokens for p in prompts)
         if req.stream:
-            return StreamingResponse(stream_run(run, req, rid, created, req.stream_steps, metrics),
+            return StreamingResponse(stream_run(run, req, rid, created, req.stream_steps, metrics, request.state),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             await wait_all(request, run)
@@ -662,64 +686,8 @@ def create_app(models: dict[str, Served], limits: Limits | None = None) -> FastA
     from dreamlm.serve.playground import add_playground
 
     add_playground(app, authorized)
-    app.add_middleware(Guard, max_body=limits.max_body_bytes)
+    app.add_middleware(Guard, gate=gate, max_body=limits.max_body_bytes)
     return app
-
-
-class BodyTooLarge(Exception):
-    """The body passed the server's limit while it was read."""
-
-
-class Guard:
-    """ASGI middleware: refuses bodies over the limit (413) and writes one log line per request."""
-
-    def __init__(self, app: Any, max_body: int) -> None:
-        self.app, self.max_body = app, max_body
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = [0]
-        scope.setdefault("state", {})
-        length = dict(scope.get("headers", [])).get(b"content-length")
-        too_large = ApiError(413, f"the body is larger than this server's limit of {self.max_body} bytes")
-
-        async def sent(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body"):
-                self.log(scope, status[0], start)
-
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            await too_large.response()(scope, receive, sent)
-            return
-        seen = [0]
-
-        async def limited() -> dict:
-            message = await receive()
-            if message["type"] == "http.request":
-                seen[0] += len(message.get("body", b""))
-                if seen[0] > self.max_body:
-                    raise BodyTooLarge
-            return message
-
-        try:
-            await self.app(scope, limited, sent)
-        except BodyTooLarge:
-            if status[0] == 0:
-                await too_large.response()(scope, receive, sent)
-
-    @staticmethod
-    def log(scope: dict, status: int, start: float) -> None:
-        state = scope.get("state", {})
-        client = scope.get("client") or ("-", 0)
-        extra = " ".join(f"{k}={state[k]}" for k in ("model", "prompt_tokens", "completion_tokens") if k in state)
-        error = f' error="{state["error"]}"' if "error" in state else ""
-        log.info('%s "%s %s" %d %.1fms %s%s', client[0], scope.get("method"), scope.get("path"), status,
-                 (time.perf_counter() - start) * 1000, extra, error)
 
 
 def bundled_models() -> list[Path]:

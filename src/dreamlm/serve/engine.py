@@ -123,19 +123,35 @@ class Engine:
             return 0.0
         return sum(n for _, n in recent) / max(now - recent[0][0], 1e-3)
 
-    def stop(self, grace: float = 30.0) -> None:
-        """Refuse new work, let running and waiting jobs finish for up to `grace` seconds, cancel the rest."""
+    def close(self) -> None:
+        """Refuse new work from now on (`submit` raises ShuttingDown); queued and running jobs go on, and the thread
+        ends once none is left."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        deadline = time.monotonic() + grace
-        while (self._active or self._waiting) and time.monotonic() < deadline:
-            time.sleep(0.02)
+
+    def cancel_all(self) -> None:
+        """Cancel every queued and running job: each leaves at the engine's next step with a "cancelled" event."""
         with self._cond:
-            for job in list(self._waiting) + self._active:
+            for job in list(self._waiting) + list(self._active):
                 job.cancel()
             self._cond.notify()
-        self._thread.join(timeout=5)
+
+    @property
+    def idle(self) -> bool:
+        """No job waiting or running."""
+        return not self._waiting and not self._active
+
+    def stop(self, grace: float = 30.0, wait: float = 5.0) -> None:
+        """Refuse new work, let running and waiting jobs finish for up to `grace` seconds, cancel the rest, and wait
+        up to `wait` seconds for the thread to end (it ends after the step it is in)."""
+        self.close()
+        deadline = time.monotonic() + grace
+        while not self.idle and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.cancel_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=wait)
 
     # ---- the engine thread ------------------------------------------------------------------------------------
     def _admit(self) -> None:

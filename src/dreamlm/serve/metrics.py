@@ -40,7 +40,9 @@ class ServeMetrics:
         self.tokens.labels(model).inc(committed)
 
     def observe_request(self, model: str, run: "Run", outcome: str | None = None) -> None:
-        """Count a finished request (outcome: ok, or the reason it did not finish)."""
+        """Count a finished request (outcome: ok, or why it did not finish: disconnected (the client left),
+        timeout, shutdown, error; default: the run's own)."""
+        outcome = outcome or run.outcome
         if outcome is None:
             outcome = "ok" if all(job.state.done for job in run.jobs) else "failed"
         self.requests.labels(model, outcome).inc()

@@ -123,6 +123,23 @@ function drawCanvas(el, frame) {
   });
 }
 
+// An error leaves no stale run on screen: empty canvas, counters at 0, nothing to scrub.
+function resetCanvas(prefix) {
+  $(prefix + "-canvas").textContent = "";
+  for (const id of ["-step", "-passes", "-rate"]) if ($(prefix + id)) $(prefix + id).textContent = "0";
+  const scrub = $(prefix + "-scrub");
+  scrub.max = "0";
+  scrub.value = "0";
+  scrub.disabled = true;
+  scrub.oninput = null;
+}
+
+function failCanvas(prefix, message) {
+  showError(message);
+  resetCanvas(prefix);
+  $(prefix + "-state").textContent = "error";
+}
+
 // Run a streamed completion with per-step frames; draw each; afterwards the slider scrubs through them.
 async function runCanvas(prefix, body) {
   clearError();
@@ -140,11 +157,11 @@ async function runCanvas(prefix, body) {
       method: "POST", headers: headers(),
       body: JSON.stringify({ ...body, stream: true, stream_steps: true }),
     });
-    if (!resp.ok) { showError(await errorText(resp)); stateEl.textContent = "error"; return; }
+    if (!resp.ok) { failCanvas(prefix, await errorText(resp)); return; }
     for await (const ev of events(resp)) {
       if (ev.data === "[DONE]") break;
       const data = JSON.parse(ev.data);
-      if (data.error) { showError(data.error.message); stateEl.textContent = "error"; return; }
+      if (data.error) { failCanvas(prefix, data.error.message); return; }
       if (ev.event !== "dreamlm.step") continue;
       frames.push(data);
       drawCanvas(canvas, data);
@@ -166,8 +183,7 @@ async function runCanvas(prefix, body) {
       $(prefix + "-step").textContent = f.step;
     };
   } catch (e) {
-    showError("Could not reach the server: " + e.message);
-    stateEl.textContent = "error";
+    failCanvas(prefix, "Could not reach the server: " + e.message);
   } finally {
     go.disabled = false;
   }
@@ -379,6 +395,13 @@ const answerText = (tokens) => {
   return out.join("");
 };
 
+// An error leaves no half-solved board or stale answer beside it.
+function clearBoard(kind) {
+  const board = $("board-" + kind);
+  board.querySelector(".view").textContent = "";
+  board.querySelector(".answer").textContent = "";
+}
+
 async function solveWith(kind, task, puzzle) {
   const board = $("board-" + kind);
   const view = board.querySelector(".view");
@@ -390,11 +413,12 @@ async function solveWith(kind, task, puzzle) {
   const resp = await fetch("/playground/solve", {
     method: "POST", headers: headers(), body: JSON.stringify({ kind: task, puzzle, solver: kind }),
   });
-  if (!resp.ok) { showError(await errorText(resp)); return; }
+  const fail = (message) => { showError(message); clearBoard(kind); };
+  if (!resp.ok) { fail(await errorText(resp)); return; }
   for await (const ev of events(resp)) {
     if (ev.data === "[DONE]") break;
     const data = JSON.parse(ev.data);
-    if (data.type === "error") { showError(data.message); return; }
+    if (data.type === "error" || data.error) { fail(data.message || data.error.message); return; }
     if (data.type === "step") {
       if (isSudoku()) drawSudoku(view, puzzle, data.tokens, before);
       else if (!view.firstChild) drawStar(view, puzzle, []);
@@ -422,6 +446,8 @@ $("puzzle-form").addEventListener("submit", async (e) => {
     await Promise.all([solveWith("diffusion", task, puzzle), solveWith("ar", task, puzzle)]);
   } catch (err) {
     showError("Could not reach the server: " + err.message);
+    clearBoard("diffusion");
+    clearBoard("ar");
   } finally {
     go.disabled = false;
   }

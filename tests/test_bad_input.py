@@ -183,7 +183,7 @@ def cases(f: dict[str, Path]) -> list[list[str]]:
     out.append(["convert", TINY, str(f["dir"])])  # not empty: never overwritten
     out.append(["convert", TINY, under_file])
     out.append(["convert", str(f["text"]) + ".gguf", str(f["dir"] / "conv")])
-    for extra in (["--type", "q4_k"], ["--type", "int8"], ["--type", ""]):
+    for extra in (["--type", "int8"], ["--type", ""]):
         out.append(["export", TINY, str(f["dir"] / "m.gguf"), *extra])
     out.append(["export", TINY, str(f["dir"])])  # a folder where the file goes
     out.append(["export", TINY, under_file])
@@ -234,7 +234,8 @@ def cases(f: dict[str, Path]) -> list[list[str]]:
                   ["--task", "bogus"], ["--dtype", "bogus"], ["--out", under_file]):
         out.append(["bench", "speed", *extra])
     for extra in (["--concurrency", "a"], ["--concurrency", "0"], ["--max-tokens", "0"], ["--temperature", "nan"],
-                  ["-m", "/nonexistent"]):
+                  ["-m", "/nonexistent"], ["--max-tokens", "16,x"], ["--max-tokens", "16,,32"], ["--max-tokens", ""],
+                  ["--per-client", "0"], ["--threads", "0"]):
         out.append(["bench", "serve", *extra])
     for extra in (["--n", "0"], ["--blocks", "0"], ["--mc-num", "0"], ["--spans", "a"], ["--spans", "99"],
                   ["--spans", "-4"], ["--out", under_file], ["-m", "diffusion"], ["-m", "gpt=x"],
@@ -457,7 +458,8 @@ def test_each_sweep_case_says_what_is_wrong(files):
     assert refusal(["solve", "countdown", "a,b,c,d"]).startswith("a countdown puzzle must be comma-separated")
     assert "lone UTF-16 surrogate ('\\udcff' at character 1)" in refusal(["generate", "a\udcffb", "-m", TINY])
     assert refusal(["bench", "serve", "--max-tokens", "5000"]) == \
-        "--max-tokens must be at most 255 (the server's cap of 1024 and this model's context of 256), got 5000"
+        "--max-tokens must be at most 76 (the server's cap of 1024 and this model's context of 256 less the " \
+        "longest prompt), got 5000"
     assert not (runs / "new").exists() and not (runs / "c").exists()
 
 

@@ -945,17 +945,21 @@ def bench_serve(model: Optional[str] = typer.Option(None, "--model", "-m",
                                                    help="Model directory or name (default: the bundled tiny-dream, "
                                                         "random weights: it measures the server, not a model)."),
                 concurrency: str = typer.Option("1,4,16,64", help="Comma-separated client counts."),
-                max_tokens: int = typer.Option(32, help="Tokens per request (one denoising step each)."),
+                max_tokens: str = typer.Option("16,32,64", help="Comma-separated max_tokens of the mix (one "
+                                                                 "denoising step per token)."),
                 temperature: float = typer.Option(0.0, help="Sampling temperature of every request (0 = argmax)."),
-                prompt: str = typer.Option("Request {i}:", help="Prompt of request i ({i} is replaced)."),
-                per_client: int = typer.Option(4, help="Requests per client at each level (at least 16 in all)."),
+                per_client: int = typer.Option(4, help="Requests per client at each level (at least two rounds of "
+                                                       "the mix in all)."),
+                threads: Optional[int] = typer.Option(None, help="CPU threads of each server process (default: "
+                                                                 "torch's)."),
                 dtype: Optional[str] = DtypeOpt,
                 out_dir: Path = typer.Option(Path("dreamlm-bench"), "--out", help="Folder for the tables, JSON and plot "
                                                                  "(the repo's own: benchmarks/results).")
                 ) -> None:
-    """`dreamlm serve` under load: requests/s, tokens/s, p50/p99 latency, batching on vs off."""
+    """`dreamlm serve` under a mixed-length load (3 prompt lengths x max_tokens, half streamed): requests/s, tokens/s,
+    p50/p95/p99 latency, batching on vs off."""
     from dreamlm.config import DreamConfig
-    from dreamlm.serve.bench import serve_bench, serve_table
+    from dreamlm.serve.bench import PROMPTS, serve_bench, serve_table
 
     with user_errors():
         try:
@@ -965,20 +969,27 @@ def bench_serve(model: Optional[str] = typer.Option(None, "--model", "-m",
         if not levels or min(levels) < 1:
             raise DreamError("every concurrency level must be >= 1")
         output_dir(out_dir)
-        if max_tokens < 1 or per_client < 1:
-            raise DreamError("max_tokens and per_client must be >= 1")
+        try:
+            lengths = tuple(int(m) for m in max_tokens.split(","))
+        except ValueError:
+            raise DreamError(f"--max-tokens must be comma-separated integers, got {max_tokens!r}") from None
+        check_at_least("--per-client", per_client)
+        check_at_least("--threads", threads)
+        if not lengths or min(lengths) < 1:
+            raise DreamError("every --max-tokens value must be >= 1")
         path = require_model_dir(model_path(model, default="tiny-dream"))
         check_number("temperature", temperature)
         if not 0 <= temperature <= 2:
             raise DreamError(f"--temperature must be in [0, 2] (what the server accepts), got {temperature}")
         context = DreamConfig.from_json_file(model_config_file(path)).context_length
-        if max_tokens > min(SERVE_MAX_TOKENS, context - 1):
-            raise DreamError(f"--max-tokens must be at most {min(SERVE_MAX_TOKENS, context - 1)} (the server's cap "
-                             f"of {SERVE_MAX_TOKENS} and this model's context of {context}), got {max_tokens}")
+        cap = min(SERVE_MAX_TOKENS, context - 1 - max(len(p) for p in PROMPTS) - 6)  # <= 1 token a character
+        if max(lengths) > cap:
+            raise DreamError(f"--max-tokens must be at most {cap} (the server's cap of {SERVE_MAX_TOKENS} and this "
+                             f"model's context of {context} less the longest prompt), got {max(lengths)}")
         precision = choose_precision(dtype, None)
         announce(precision)
-        report = serve_bench(Path(path), levels, max_tokens, temperature, per_client, out_dir, prompt,
-                             dtype=str(precision.dtype).removeprefix("torch."))
+        report = serve_bench(Path(path), levels, lengths, temperature, per_client, out_dir,
+                             dtype=str(precision.dtype).removeprefix("torch."), threads=threads)
         print(serve_table(report))
         err.print(f"wrote {out_dir}/serve.(md|json|png)")
 

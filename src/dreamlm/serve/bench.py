@@ -1,14 +1,17 @@
-"""`dreamlm bench serve`: requests/s, tokens/s and latency of a real `dreamlm serve` process at several
-concurrency levels, with batching on vs off (one request per forward), same model and requests.
+"""`dreamlm bench serve`: requests/s, tokens/s and latency of a real `dreamlm serve` process under a mixed-length load,
+at several concurrency levels, with batching on vs off (one request per forward), same model and requests.
 
-The server runs in its own process (as in production), the clients in this one: `c` asyncio workers each send
-requests back to back until the level's requests are done. Every request asks for the same number of tokens with
-its own seed, so both servers do the same work.
+Both servers run in their own processes (as in production) for the whole run, the clients in this one; at each level
+the batching server is measured and then, at once, the other, so that a change in the machine's load hits both
+alike. `c` asyncio workers each send requests back to back until the level's requests are done. Request i takes its
+prompt, max_tokens and streaming from the mix by i (every prompt length meets every max_tokens, half the requests
+stream), with its own seed, so both servers do the same work.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import socket
@@ -22,7 +25,23 @@ from typing import Any
 from dreamlm.errors import DreamError
 
 LEVELS = (1, 4, 16, 64)
-PROMPT = "Request {i}:"  # {i}: the request's number
+MAX_TOKENS = (16, 32, 64)
+# three prompt lengths (about 5, 15 and 40 tokens for a BPE code tokenizer, at most 150 characters); {i} is the
+# request's number
+PROMPTS = (
+    "# request {i}\n",
+    "# request {i}\nimport os\n\n\ndef count_lines(path):\n",
+    "# request {i}\nimport collections\n\n\nclass Queue:\n    def __init__(self, limit):\n"
+    "        self.items = collections.deque()\n        self.limit = limit\n\n    def put(self, item):\n",
+)
+
+
+def request_mix(prompts: tuple[str, ...] = PROMPTS, max_tokens: tuple[int, ...] = MAX_TOKENS
+                ) -> list[tuple[str, int, bool]]:
+    """The cycle of (prompt, max_tokens, stream) that request i takes entry i % len of: every prompt with every
+    max_tokens, once streamed and once not."""
+    return [(p, m, stream) for (p, m), stream in itertools.product(itertools.product(prompts, max_tokens),
+                                                                   (False, True))]
 
 
 def free_port() -> int:
@@ -70,86 +89,126 @@ class ServerProcess:
             self.proc.kill()
 
 
-async def _level(url: str, model: str, concurrency: int, requests: int, max_tokens: int, temperature: float,
-                 seed0: int, prompt: str = PROMPT) -> dict[str, Any]:
+async def _one(client: Any, model: str, i: int, prompt: str, max_tokens: int, stream: bool, temperature: float,
+               seed: int) -> int:
+    """Send request i; the completion tokens it got (from usage, streamed or not). Raises on any failure."""
+    body = {"model": model, "prompt": prompt.replace("{i}", str(i)), "max_tokens": max_tokens, "seed": seed,
+            "temperature": temperature}
+    if not stream:
+        r = await client.post("/v1/completions", json=body)
+        if r.status_code != 200:
+            raise DreamError(f"status {r.status_code}")
+        return int(r.json()["usage"]["completion_tokens"])
+    body.update(stream=True, stream_options={"include_usage": True})
+    tokens = None
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise DreamError(f"status {r.status_code}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise DreamError(chunk["error"].get("message", "error event"))
+            if chunk.get("usage"):
+                tokens = int(chunk["usage"]["completion_tokens"])
+    if tokens is None:
+        raise DreamError("the stream ended without usage")
+    return tokens
+
+
+async def _level(url: str, model: str, concurrency: int, requests: int, mix: list[tuple[str, int, bool]],
+                 temperature: float, seed0: int) -> dict[str, Any]:
     import httpx
 
     latencies: list[float] = []
-    tokens = errors = 0
+    tokens = canvas = errors = 0
     next_id = 0
 
     async def worker(client: httpx.AsyncClient) -> None:
-        nonlocal next_id, tokens, errors
+        nonlocal next_id, tokens, canvas, errors
         while next_id < requests:
             i = next_id
             next_id += 1
-            body = {"model": model, "prompt": prompt.replace("{i}", str(i)), "max_tokens": max_tokens, "seed": seed0 + i,
-                    "temperature": temperature}
+            prompt, max_tokens, stream = mix[i % len(mix)]
             start = time.perf_counter()
             try:
-                r = await client.post("/v1/completions", json=body)
-                ok = r.status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            latencies.append(time.perf_counter() - start)
-            if ok:
-                tokens += r.json()["usage"]["completion_tokens"]
-            else:
+                tokens += await _one(client, model, i, prompt, max_tokens, stream, temperature, seed0 + i)
+                canvas += max_tokens
+            except (httpx.HTTPError, DreamError, ValueError, KeyError):
                 errors += 1
+            latencies.append(time.perf_counter() - start)
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as client:
         start = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         seconds = time.perf_counter() - start
     latencies.sort()
+
+    def pct(q: float) -> float:
+        return 1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))]
+
     return {"concurrency": concurrency, "requests": requests, "errors": errors, "seconds": seconds,
             "requests_per_second": requests / seconds, "tokens_per_second": tokens / seconds,
-            "p50_ms": 1000 * statistics.median(latencies),
-            "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
+            "canvas_tokens_per_second": canvas / seconds, "p50_ms": 1000 * statistics.median(latencies),
+            "p95_ms": pct(0.95), "p99_ms": pct(0.99)}
 
 
-def probe(url: str, model: str, max_tokens: int, temperature: float, prompt: str) -> None:
-    """One request as the benchmark sends them; DreamError with the server's reason if it is refused (a table of
-    failed requests measures nothing)."""
+def probe(url: str, model: str, mix: list[tuple[str, int, bool]], temperature: float) -> None:
+    """Each kind of request the benchmark sends, once; DreamError with the server's reason if one is refused (a
+    table of failed requests measures nothing)."""
     import httpx
 
-    body = {"model": model, "prompt": prompt.replace("{i}", "0"), "max_tokens": max_tokens, "seed": 0,
-            "temperature": temperature}
-    r = httpx.post(url + "/v1/completions", json=body, timeout=600)
-    if r.status_code != 200:
-        try:
-            reason = r.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            reason = r.text[:200]
-        raise DreamError(f"the server refuses the benchmark's requests ({r.status_code}): {reason}")
+    for prompt, max_tokens, _ in mix:
+        body = {"model": model, "prompt": prompt.replace("{i}", "0"), "max_tokens": max_tokens, "seed": 0,
+                "temperature": temperature}
+        r = httpx.post(url + "/v1/completions", json=body, timeout=900)
+        if r.status_code != 200:
+            try:
+                reason = r.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                reason = r.text[:200]
+            raise DreamError(f"the server refuses the benchmark's requests ({r.status_code}): {reason}")
 
 
-def serve_bench(model_dir: Path, levels: tuple[int, ...] = LEVELS, max_tokens: int = 32, temperature: float = 0.0,
-                requests_per_client: int = 4, out_dir: Path | None = None, prompt: str = PROMPT,
-                dtype: str = "float32") -> dict[str, Any]:
-    """Both servers (weights in `dtype`) at every level; the report (and files in out_dir)."""
+def serve_bench(model_dir: Path, levels: tuple[int, ...] = LEVELS, max_tokens: tuple[int, ...] = MAX_TOKENS,
+                temperature: float = 0.0, requests_per_client: int = 4, out_dir: Path | None = None,
+                prompts: tuple[str, ...] = PROMPTS, dtype: str = "float32", threads: int | None = None
+                ) -> dict[str, Any]:
+    """Both servers (weights in `dtype`, `threads` CPU threads each) at every level; the report (and files in
+    out_dir)."""
     from dreamlm.bench import machine
+    from dreamlm.hub import model_label
 
-    model = Path(model_dir).resolve().name
+    model = model_label(model_dir)
+    mix = request_mix(prompts, max_tokens)
     report: dict[str, Any] = {"machine": machine(), "command": "dreamlm " + " ".join(sys.argv[1:]), "model": model,
-                              "max_tokens": max_tokens, "steps": max_tokens, "temperature": temperature, "prompt": prompt,
-                              "dtype": dtype, "rows": []}
-    for batching in (True, False):
-        server = ServerProcess(Path(model_dir), batching, dtype=dtype)
-        try:
-            probe(server.url, model, max_tokens, temperature, prompt)
-            asyncio.run(_level(server.url, model, 4, 8, max_tokens, temperature, 10**6, prompt))  # warm-up
-            for c in levels:
-                n = max(c * requests_per_client, 16)
-                row = asyncio.run(_level(server.url, model, c, n, max_tokens, temperature, 1000 * c, prompt))
+                              "max_tokens": list(max_tokens), "prompts": list(prompts), "temperature": temperature,
+                              "dtype": dtype, "threads": threads, "rows": []}
+    servers: dict[bool, ServerProcess] = {}
+    try:
+        for batching in (True, False):
+            servers[batching] = ServerProcess(Path(model_dir), batching, threads=threads, dtype=dtype)
+            probe(servers[batching].url, model, mix, temperature)
+            asyncio.run(_level(servers[batching].url, model, 4, 8, mix, temperature, 10**6))  # warm-up
+        for c in levels:
+            n = max(c * requests_per_client, 2 * len(mix))
+            for batching in (True, False):
+                row = asyncio.run(_level(servers[batching].url, model, c, n, mix, temperature, 1000 * c))
                 report["rows"].append({"batching": batching, **row})
-        finally:
+    finally:
+        for server in servers.values():
             server.close()
-    for row in report["rows"]:
+    rows = report["rows"]
+    for row in rows:
         if row["batching"]:
-            off = next(r for r in report["rows"] if not r["batching"] and r["concurrency"] == row["concurrency"])
-            row["speedup_vs_off"] = row["tokens_per_second"] / off["tokens_per_second"]
+            off = next(r for r in rows if not r["batching"] and r["concurrency"] == row["concurrency"])
+            row["speedup_vs_off"] = row["canvas_tokens_per_second"] / off["canvas_tokens_per_second"]
+    on = {r["concurrency"]: r for r in rows if r["batching"]}
+    if 1 in on:
+        for c, row in on.items():
+            row["scaling_vs_1_client"] = row["canvas_tokens_per_second"] / on[1]["canvas_tokens_per_second"]
     if out_dir is not None:
         write_serve_report(report, Path(out_dir))
     return report
@@ -157,17 +216,21 @@ def serve_bench(model_dir: Path, levels: tuple[int, ...] = LEVELS, max_tokens: i
 
 def serve_table(report: dict[str, Any]) -> str:
     """Markdown table of a report."""
+    threads = f", {report['threads']} thread(s) per server" if report.get("threads") else ""
     lines = [f"`{report['command']}` on {report['machine']}", "",
-             f"Model {report['model']} in {report.get('dtype', 'float32')}, {report['max_tokens']} tokens per request, "
-             f"one step per token, temperature "
-             f"{report['temperature']}, a seed per request, prompt {json.dumps(report['prompt'])}.", "",
-             "| batching | concurrency | requests | errors | requests/s | tokens/s | p50 ms | p99 ms | tokens/s vs off |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"Model {report['model']} in {report['dtype']}{threads}; a mixed load: prompts of "
+             f"{len(report['prompts'])} lengths x max_tokens {report['max_tokens']} (one step per token), half of the "
+             f"requests streamed, temperature {report['temperature']}, a seed per request. Canvas tokens/s counts "
+             "max_tokens per finished request (the work done); ratios compare canvas tokens/s.", "",
+             "| batching | clients | requests | errors | requests/s | canvas tok/s | p50 ms | p95 ms | p99 ms | "
+             "vs off | vs 1 client |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
         ratio = f"{r['speedup_vs_off']:.2f}×" if "speedup_vs_off" in r else ""
+        scaling = f"{r['scaling_vs_1_client']:.2f}×" if "scaling_vs_1_client" in r else ""
         lines.append(f"| {'on' if r['batching'] else 'off'} | {r['concurrency']} | {r['requests']} | {r['errors']} | "
-                     f"{r['requests_per_second']:.1f} | {r['tokens_per_second']:.0f} | {r['p50_ms']:.0f} | "
-                     f"{r['p99_ms']:.0f} | {ratio} |")
+                     f"{r['requests_per_second']:.2f} | {r['canvas_tokens_per_second']:.0f} | {r['p50_ms']:.0f} | "
+                     f"{r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {ratio} | {scaling} |")
     return "\n".join(lines)
 
 
@@ -187,14 +250,14 @@ def write_serve_report(report: dict[str, Any], out_dir: Path) -> None:
     for batching, style in ((True, "o-"), (False, "s--")):
         rows = [r for r in report["rows"] if r["batching"] is batching]
         label = "batching on" if batching else "batching off (one request per forward)"
-        left.plot([r["concurrency"] for r in rows], [r["tokens_per_second"] for r in rows], style, label=label)
-        right.plot([r["concurrency"] for r in rows], [r["p50_ms"] for r in rows], style, label=label)
-    for ax, title in ((left, "tokens/s"), (right, "p50 latency (ms)")):
+        left.plot([r["concurrency"] for r in rows], [r["canvas_tokens_per_second"] for r in rows], style, label=label)
+        right.plot([r["concurrency"] for r in rows], [r["p95_ms"] for r in rows], style, label=label)
+    for ax, title in ((left, "canvas tokens/s"), (right, "p95 latency (ms)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent clients")
         ax.set_title(title)
         ax.legend()
-    fig.suptitle(f"dreamlm serve, {report['model']} ({report.get('dtype', 'float32')})")
+    fig.suptitle(f"dreamlm serve, mixed-length load, {report['model']} ({report['dtype']})")
     fig.tight_layout()
     fig.savefig(out_dir / "serve.png", dpi=110)
     plt.close(fig)

@@ -1,5 +1,5 @@
 """SFT vs SFT+RL on held-out star graphs (the bench's split: test, seed 1), every shape the G(10, 5) pair was
-trained on, bench-style (`dreamlm.bench.score`, greedy solving as `dreamlm solve`, bf16 as `--dtype auto` here).
+trained on (or --shapes), bench-style (`dreamlm.bench.score`, greedy solving as `dreamlm solve`, bf16 as `--dtype auto` here).
 
     nice -n 10 python recipes/rl/evaluate.py runs/rl/star-10-5-diffusion/final runs/rl/star-10-5-ar/final --n 200
 
@@ -18,7 +18,7 @@ from dreamlm.bench import TEST_SEED, machine, rl_models, score
 from dreamlm.solver import Solver, bundled_model_dir
 from dreamlm.tasks import make_examples
 
-SHAPES = ("star-10-5", "star-8-5", "star-6-5", "star-5-5", "star-3-7", "star-2-11")
+SHAPES = ("star-10-5", "star-8-5", "star-6-5", "star-5-5", "star-3-7", "star-2-11")  # the G(10, 5) pair's training shapes
 
 
 def main() -> None:
@@ -26,12 +26,13 @@ def main() -> None:
     parser.add_argument("rl", nargs="+", type=Path, help="models made by `dreamlm rl`")
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), help="star-D-L task names")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     pairs = {base: (Solver(bundled_model_dir(base), dtype=dtype), Solver(path, dtype=dtype))
              for base, path in rl_models(args.rl).items()}
     rows, report = [], {"machine": machine(), "n": args.n, "dtype": args.dtype, "results": {}}
-    for shape in SHAPES:
+    for shape in args.shapes:
         puzzles = [e["input"] for e in make_examples(shape, args.n, TEST_SEED, "test")]
         cells = []
         for base, (sft, rl) in pairs.items():

@@ -318,3 +318,26 @@ def test_convert_with_length_tokens_keeps_every_old_logit(tmp_path, tokenizer):
     assert "expand_token_id" not in plain and not DreamModel.from_pretrained(tmp_path / "plain").config.length_states
     res = CliRunner().invoke(app, ["convert", str(tmp_path / "x.gguf"), str(tmp_path / "g"), "--length-tokens"])
     assert res.exit_code != 0 and "--length-tokens works on a directory" in res.output + res.stderr
+
+
+def test_draw_noise_augments_a_share_of_rows_and_leaves_the_rest_as_before():
+    from dreamlm.training.data import Batch
+    from dreamlm.training.trainer import draw_noise
+
+    x = torch.arange(100, 164).repeat(8, 1)
+    maskable = torch.ones_like(x, dtype=torch.bool)
+    maskable[:, 0] = False
+    batch = Batch(x, maskable, torch.zeros_like(maskable), torch.arange(8))
+    states = LengthStates(MASK, EXPAND, DELETE, max_delete=4, max_middle=16)
+    noise = draw_noise(batch, 0, 1e-3, MASK, length_rate=0.5, states=states, pad_id=0)
+    plain = draw_noise(batch, 0, 1e-3, MASK)
+    assert noise.x.shape == x.shape and noise.masked.shape == x.shape
+    augmented = [not torch.equal(noise.masked[r], plain.masked[r]) for r in range(8)]
+    assert 0 < sum(augmented) < 8
+    for r in range(8):
+        if not augmented[r]:  # the other rows draw exactly what Dream's objective draws
+            assert torch.equal(noise.x[r], x[r]) and bool((noise.scale[r] == 1).all())
+        deletes = (noise.x[r] == DELETE) & noise.masked[r]
+        if deletes.any():  # a row's deletes share one token's weight
+            assert abs(float(noise.scale[r][deletes].sum()) - 1) < 1e-6
+    assert bool((noise.x == EXPAND).any() | (noise.x == DELETE).any())

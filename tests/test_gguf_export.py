@@ -165,8 +165,8 @@ def test_bundled_puzzle_models_export_and_read_back(name, tmp_path):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--type", "q4_k"], "--type must be one of f32, f16, bf16, q8_0, got 'q4_k' (the gguf library cannot"),
-    (["--type", "int8"], "--type must be one of f32, f16, bf16, q8_0, got 'int8'"),
+    (["--type", "q5_k"], "--type must be one of f32, f16, bf16, q8_0, q4_k, got 'q5_k' (the gguf library cannot"),
+    (["--type", "int8"], "--type must be one of f32, f16, bf16, q8_0, q4_k, got 'int8'"),
 ])
 def test_bad_type_is_one_line(tiny_dir, tmp_path, args, message):
     result = runner.invoke(app, ["export", str(tiny_dir), str(tmp_path / "m.gguf"), *args])
@@ -186,3 +186,28 @@ def test_bad_paths_and_models_are_one_line(tiny_dir, tmp_path):
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and result.output.count("\n") == 1, (args, result.output)
         assert result.output.startswith("error: ") and message in " ".join(result.output.split()), result.output
+
+
+def test_q4_k_without_llama_cpp_says_which_extra(tiny_dir, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if llama-cpp-python were not installed
+    for args in (["--type", "q4_k"], ["--type", "f32", "--check"]):
+        result = runner.invoke(app, ["export", str(tiny_dir), str(tmp_path / "m.gguf"), *args])
+        assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+        assert "pip install 'dreamlm[llamacpp]'" in result.output
+        assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--peer", "ollama"], "--peer must be llamacpp, got 'ollama'"),
+    (["--peer-model", "sudoku4-diffusion"], "--peer-model and --llama-diffusion-cli go with --peer llamacpp"),
+    (["--peer", "llamacpp", "--dtype", "float16"], "--peer llamacpp compares float32 or bfloat16"),
+    (["--peer", "llamacpp", "--peer-model", "nope"], "unknown model 'nope'"),
+    (["--peer", "llamacpp", "--llama-diffusion-cli", "/nonexistent/cli"], "/nonexistent/cli does not exist"),
+    (["--peer", "llamacpp", "--peer-threads", "0"], "--peer-threads must be >= 1, got 0"),
+])
+def test_bench_peer_bad_input_is_one_line(args, message):
+    result = runner.invoke(app, ["bench", "speed", *args])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith("error: ") and message in result.output

@@ -481,15 +481,27 @@ def convert(
 def export(
     model: str = typer.Argument(..., help="Model directory or name (bundled, or pulled: smollm2, ...)."),
     out_file: Path = typer.Argument(..., metavar="OUT.gguf", help="The GGUF file to write."),
-    type: str = typer.Option("f16", "--type", help="Weights of 2-D tensors, as llama.cpp names them: f32, f16, bf16 "
-                                                   "or q8_0 (norms and biases stay f32)."),
+    type: str = typer.Option("f16", "--type", help="Weights of 2-D tensors, as llama.cpp names them: f32, f16, bf16, "
+                                                   "q8_0 (norms and biases stay f32) or q4_k (llama.cpp's Q4_K_M, "
+                                                   "made by its own quantizer: needs the [llamacpp] extra)."),
+    check: bool = typer.Option(False, "--check", help="Then load the file in llama.cpp (the [llamacpp] extra) and "
+                                                      "compare one masked forward and one greedy generation with "
+                                                      "dreamlm's."),
 ) -> None:
     """Write a diffusion model as a GGUF file with llama.cpp's `dream` architecture (llama-diffusion-cli runs it)."""
     from dreamlm.formats.gguf_export import export_model
 
     with user_errors():
+        if check:
+            from dreamlm.formats.llamacpp import require_llama_cpp
+
+            require_llama_cpp()  # before the export, so a missing extra costs nothing
         path = export_model(model, out_file, type=type)
         out.print(f"wrote {path} ({type}, {path.stat().st_size / 2**20:.1f} MiB)")
+        if check:
+            from dreamlm.formats.llamacpp import check_gguf, interop_table
+
+            print(interop_table([check_gguf(model, path, type)]))
 
 
 @app.command()
@@ -801,12 +813,28 @@ def bench_speed(task: str = typer.Option("sudoku4", help="Planning task whose bu
                 compile_: bool = typer.Option(False, "--compile",
                                               help="Also time the torch.compile static-shape path (compiles first)."),
                 out_dir: Path = typer.Option(Path("dreamlm-bench"), "--out", help="Folder for the tables, JSON and plot "
-                                                                 "(the repo's own: benchmarks/results).")
+                                                                 "(the repo's own: benchmarks/results)."),
+                peer: Optional[str] = typer.Option(None, "--peer", help="llamacpp: instead, dreamlm vs llama.cpp "
+                                                   "(llama-cpp-python, the [llamacpp] extra) on the same exported "
+                                                   "models: interop check and tokens/s; writes llamacpp.(md|json|png)."),
+                peer_model: Optional[list[str]] = typer.Option(None, "--peer-model", help="With --peer: a model to "
+                                                               "compare (repeat; default: the bundled solvers, "
+                                                               "stdlib-code and a pulled smollm2)."),
+                diffusion_cli: Optional[Path] = typer.Option(None, "--llama-diffusion-cli", help="With --peer: also "
+                                                             "time this llama-diffusion-cli binary (llama.cpp's C++ "
+                                                             "loop)."),
+                peer_threads: int = typer.Option(1, "--peer-threads", help="With --peer: CPU threads of each side "
+                                                 "(torch and llama.cpp alike).")
                 ) -> None:
     """Decoding modes on a task (accuracy, passes, latency); training tokens/s fp32 vs bf16 with their loss curves;
-    the diffusion fast path vs transformers' AR generate, at --dtype, on a small shape and SmolLM2-135M's."""
+    the diffusion fast path vs transformers' AR generate, at --dtype, on a small shape and SmolLM2-135M's.
+    With --peer llamacpp: dreamlm vs llama.cpp on the same GGUF exports instead."""
     from dreamlm.bench import require_pair, speed, speed_table
 
+    if peer is not None or peer_model or diffusion_cli is not None:
+        with user_errors():
+            _bench_peer(peer, peer_model, diffusion_cli, peer_threads, dtype, out_dir)
+        return
     with user_errors():
         for name, value in (("--n", n), ("--hidden", hidden), ("--layers", layers), ("--batch", batch),
                             ("--new-tokens", new_tokens), ("--per-forward", per_forward),
@@ -828,6 +856,32 @@ def bench_speed(task: str = typer.Option("sudoku4", help="Planning task whose bu
                            large=large, train_steps=train_steps, curve_steps=curve_steps, advance=advance)
         print(speed_table(report))
         err.print(f"machine: {report['machine']}; wrote {out_dir}/speed.(md|json|png)")
+
+
+def _bench_peer(peer: Optional[str], models: Optional[list[str]], diffusion_cli: Optional[Path], threads: int,
+                dtype: Optional[str], out_dir: Path) -> None:
+    """bench speed --peer: checked, then `llamacpp_bench.peer_speed`."""
+    if peer != "llamacpp":
+        raise DreamError(f"--peer must be llamacpp, got {peer!r}" if peer else "--peer-model and --llama-diffusion-cli "
+                         "go with --peer llamacpp")
+    from dreamlm.formats.llamacpp import require_llama_cpp
+    from dreamlm.llamacpp_bench import peer_speed, peer_table
+
+    precision = choose_precision(dtype, None)
+    if str(precision.dtype) not in ("torch.float32", "torch.bfloat16"):
+        raise DreamError("--peer llamacpp compares float32 or bfloat16 (llama.cpp's f32 / bf16 GGUFs)")
+    for name in models or []:
+        model_path(name)  # an unknown name fails here, before anything runs
+    if diffusion_cli is not None and not diffusion_cli.is_file():
+        raise DreamError(f"--llama-diffusion-cli {diffusion_cli} does not exist")
+    check_at_least("--peer-threads", threads)
+    require_llama_cpp()
+    output_dir(out_dir)
+    announce(precision)
+    with progress("bench speed --peer llamacpp") as advance:
+        report = peer_speed(models, precision.dtype, out_dir, diffusion_cli, threads, advance)
+    print(peer_table(report))
+    err.print(f"machine: {report['machine']}; wrote {out_dir}/llamacpp.(md|json|png)")
 
 
 @bench_app.command("infill")

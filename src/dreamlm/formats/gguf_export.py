@@ -48,15 +48,29 @@ def export_types() -> dict[str, Any]:
             "q8_0": (Q.Q8_0, F.MOSTLY_Q8_0)}
 
 
+# written by llama.cpp's own quantizer (the gguf library cannot write k-quants): needs the `[llamacpp]` extra
+LLAMA_QUANTIZED = {"q4_k": "Q4_K_M"}
+
+
 def check_type(type: str) -> dict[str, Any]:
     """The export types, or DreamError naming them (and where a llama.cpp type we cannot write comes from)."""
     types = export_types()
+    if type in LLAMA_QUANTIZED:
+        from dreamlm.formats.llamacpp import INSTALL_HINT, require_llama_cpp
+
+        try:
+            require_llama_cpp()
+        except DreamError:
+            raise DreamError(f"--type {type} is written by llama.cpp's quantizer (the gguf library cannot write "
+                             f"k-quants), which needs llama-cpp-python: {INSTALL_HINT}") from None
+        return types
     if type not in types:
+        names = [*types, *LLAMA_QUANTIZED]
         hint = ""
         if type.lower().startswith(("q2", "q3", "q4", "q5", "q6", "iq")):
             hint = (" (the gguf library cannot quantize to it: export f16 and run llama.cpp's llama-quantize, "
                     f"e.g. llama-quantize model-f16.gguf model-{type}.gguf {type.upper()})")
-        raise DreamError(f"--type must be one of {', '.join(types)}, got {type!r}{hint}")
+        raise DreamError(f"--type must be one of {', '.join(names)}, got {type!r}{hint}")
     return types
 
 
@@ -161,6 +175,15 @@ def export_gguf(model: DreamModel, tokenizer: DreamTokenizer, out: str | Path, t
 
     types = check_type(type)
     out = output_file(out)
+    if type in LLAMA_QUANTIZED:  # f32 first, then llama.cpp's quantizer (its Q4_K_M mix and shape fallbacks)
+        from dreamlm.formats.llamacpp import quantize_gguf
+
+        full = out.with_name(out.name + ".f32.tmp")
+        try:
+            export_gguf(model, tokenizer, full, type="f32", name=name)
+            return quantize_gguf(full, out, type)
+        finally:
+            full.unlink(missing_ok=True)
     cfg = model.config
     if cfg.causal:
         raise DreamError("this is a causal (AR) model; llama.cpp's dream architecture is bidirectional — convert it "

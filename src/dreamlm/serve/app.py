@@ -142,8 +142,8 @@ class Prompt:
     hi: int
     prompt_tokens: int
     spans: list[tuple[int, int]] | None = None  # template prompts: the mask spans
-
     auto_tail: int | None = None  # a suffix with automatic length (DreamOn): its tokens; the answer ends before it
+
     @property
     def masked(self) -> int:
         """Masked slots on the canvas."""
@@ -189,13 +189,13 @@ def layout(served: Served, prompt: Union[str, list[int]], max_tokens: int | None
             raise ApiError(400, "the prompt is empty and this model has no BOS token to start from", "prompt")
         ids = [bos]
     tail = tok.encode(suffix) if suffix else []
-    n_new = default_max_tokens if max_tokens is None else max_tokens
     if suffix is not None and max_tokens is None and config.length_states:  # the model chooses the length
         if len(ids) + AUTO_START + len(tail) > context:
             raise ApiError(400, f"prompt ({len(ids)} tokens) + suffix ({len(tail)} tokens) leave no room in the "
                                 f"model's context of {context}", "prompt")
         return Prompt(ids + [mask_id] * AUTO_START + tail, len(ids), len(ids) + AUTO_START, len(ids) + len(tail),
                       auto_tail=len(tail))
+    n_new = default_max_tokens if max_tokens is None else max_tokens
     total = len(ids) + n_new + len(tail)
     if total > context:
         param = "max_tokens" if len(ids) + len(tail) < context else "prompt"
@@ -206,9 +206,9 @@ def layout(served: Served, prompt: Union[str, list[int]], max_tokens: int | None
 
 def default_steps(p: Prompt, block_length: int | None) -> int:
     """One step per masked token, rounded up to a multiple of the number of blocks."""
-    first = p.lo if p.spans is None else p.spans[0][0]
     if p.auto_tail is not None:
         return 2 * AUTO_MAX_SPAN  # the most steps; decoding ends when no mask is left
+    first = p.lo if p.spans is None else p.spans[0][0]
     return steps_for_blocks(max(p.masked, 1), len(p.ids) - first, block_length)
 
 

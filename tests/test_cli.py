@@ -39,6 +39,13 @@ def test_infill_json(tiny_dir):
     assert data["text"].startswith("x = ") and data["text"].endswith(" + 1") and len(data["fills"]) == 1
 
 
+def test_infill_show(tiny_dir):
+    """--show draws the canvas until the spans are filled; the text outside them is in the last frame."""
+    res = run("infill", "x = <|mask:3|> + 1", "--model", tiny_dir, "--show", "--delay", 0, "--steps", 3)
+    assert res.exit_code == 0, res.output
+    assert "step 3/3" in res.output and "0 masks left" in res.output and "x = " in res.output
+
+
 def test_info(tiny_dir):
     res = run("info", tiny_dir)
     assert res.exit_code == 0, res.output

@@ -3,6 +3,8 @@ with automatic length, and old checkpoints refusing it."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -227,6 +229,55 @@ def test_final_spans_after_the_canvas_changed():
     assert final_spans([False, False, False], [(1, 3), (4, 5)]) == [(1, 1), (2, 2)]  # both deleted to nothing
 
 
+def _length_model(tmp_path):
+    """A tiny checkpoint with the length states added, loaded in float32."""
+    from dreamlm.checkpoint import add_length_tokens
+    from dreamlm.tiny import make_tiny_checkpoint
+
+    make_tiny_checkpoint(tmp_path / "old", seed=0)
+    model = DreamModel.from_pretrained(tmp_path / "old", dtype=torch.float32)
+    add_length_tokens(model, model.tokenizer)
+    model.save_pretrained(tmp_path / "on", tokenizer=model.tokenizer)
+    return DreamModel.from_pretrained(tmp_path / "on", dtype=torch.float32)
+
+
+def test_live_view_follows_a_growing_canvas(tmp_path):
+    """`infill --show`'s view: the scripted model grows a 4-mask span to 7 tokens; every frame is drawn (no index
+    error on a longer canvas), the footer names the new length, and the last frame is the final text."""
+    import io
+
+    from rich.console import Console
+
+    from dreamlm.sampling import infill
+    from dreamlm.view import CanvasView, newly_filled
+
+    model = _length_model(tmp_path)
+    tok = model.tokenizer
+    prompt, suffix = "def add(a, b):\n    return", "\n\nprint(add(1, 2))\n"
+    target = tok.encode(" a + b  # the sum")[:7]
+    assert len(target) == 7
+    model.packed_forward = _TokenScript(model.config, len(tok.encode(prompt)), len(tok.encode(suffix)), target)
+    out = io.StringIO()
+    view = CanvasView(tok, model.config.mask_token_id, 0, None, console=Console(file=out, width=200))
+    frames: list[int] = []
+
+    def hook(step, x, logits):
+        frames.append(x.shape[1])
+        return view(step, x, logits)
+
+    result = infill(model, tok, prompt + "<|mask:auto|>" + suffix, generation_tokens_hook_func=hook, seed=0)
+    view.close()
+    assert result.fills == [tok.decode(target)]
+    base = len(tok.encode(prompt)) + 4 + len(tok.encode(suffix))
+    assert frames[0] == base and frames[-1] == base + 3 and sorted(frames) == frames
+    assert f"canvas {base} → {base + 3} tokens" in out.getvalue()
+    # new tokens are found from the nearer end of a canvas that changed length
+    M = 99
+    assert newly_filled([1, M, M, 5], [1, 7, M, M, 5], M) == [1]
+    assert newly_filled([1, M, M, M, 5], [1, M, 8, 5], M) == [2]
+    assert newly_filled([1, M, 5], [1, 6, 5], M) == [1]
+
+
 # ---- the server: /v1/completions with a suffix and no max_tokens ------------------------------------------------
 def test_server_suffix_with_automatic_length(tmp_path):
     """A model with the length states fills between prompt and suffix at the length it chooses: the scripted model
@@ -258,6 +309,17 @@ def test_server_suffix_with_automatic_length(tmp_path):
         assert res["choices"][0]["text"] == tok.decode(target)
         bad = httpx.post(url + "/v1/completions", json={**body, "n": 2}, timeout=60)
         assert bad.status_code == 400 and "n > 1 with a suffix of automatic length" in bad.json()["error"]["message"]
+        # the per-step frames show the canvas growing, the answer ending where the suffix starts
+        with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True, "stream_steps": True},
+                          timeout=60) as resp:
+            frames = [json.loads(line[6:]) for line in resp.iter_lines()
+                      if line.startswith("data: {") and '"rows"' in line]
+        lengths = [len(f["rows"][0]["tokens"]) for f in frames]
+        assert lengths[0] < lengths[-1] and lengths == sorted(lengths)
+        last = frames[-1]
+        lo, hi = last["answer"]
+        assert hi == lengths[-1] - len(tok.encode(suffix)) and hi - lo == len(target)
+        assert "".join(last["rows"][0]["tokens"][lo:hi]) == tok.decode(target)
         fixed = httpx.post(url + "/v1/completions", json={**body, "max_tokens": 3}, timeout=60).json()
         assert fixed["usage"]["completion_tokens"] <= 3
         old = httpx.post(url + "/v1/completions", json={**body, "model": "old"}, timeout=60)

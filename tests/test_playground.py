@@ -197,3 +197,45 @@ def test_tabs_work_from_the_keyboard_and_the_page_fits_a_phone(page):
     assert unlabelled == []
     page.set_viewport_size({"width": 375, "height": 800})
     assert page.evaluate("document.documentElement.scrollWidth") <= 375
+
+
+def test_infill_with_automatic_length_shows_the_canvas_growing(browser, tmp_path):
+    """A model with DreamOn's length states (scripted to grow a 4-mask span to 7 tokens): with "Automatic length"
+    the one span becomes prompt + suffix, the canvas and its length counter grow step by step, the answer is the
+    scripted text and the text around the span is kept; two spans are refused inline."""
+    from dreamlm.serve import Limits
+    from dreamlm.serve.app import load_models
+    from test_length_states import _TokenScript, _length_model
+
+    model = _length_model(tmp_path)
+    limits = Limits(max_tokens=64, max_n=4, max_steps=256, timeout=60)
+    models = load_models([tmp_path / "on"], limits)
+    served = models["on"]
+    tok = served.tokenizer
+    prompt, suffix = "def add(a, b):\n    return", "\n\nprint(add(1, 2))\n"
+    target = tok.encode(" a + b  # the sum")[:7]
+    served.model.packed_forward = _TokenScript(model.config, len(tok.encode(prompt)), len(tok.encode(suffix)), target)
+    with live_server(limits=limits, models=models) as (url, _):
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(url + "/")
+        page.click("#tab-infill")
+        expect(page.locator("#infill-model option").first).to_have_text("on")
+        page.check("#infill-auto")
+        page.fill("#infill-template", prompt + "<|mask:auto|>" + suffix)
+        page.click("#infill-go")
+        expect(page.locator("#infill-state")).to_have_text("done", timeout=30_000)
+        base = len(tok.encode(prompt)) + 4 + len(tok.encode(suffix))
+        assert page.locator("#infill-length").inner_text() == str(base + 3)
+        assert masks(page, "#infill-canvas") == 0
+        assert "".join(page.locator("#infill-canvas .tok:not(.prompt)").all_text_contents()) == tok.decode(target)
+        kept = "".join(page.locator("#infill-canvas .tok.prompt").all_text_contents())
+        assert kept.endswith(suffix) and prompt in kept
+        page.locator("#infill-scrub").fill("0")  # the first frame: the canvas before it grew
+        assert int(page.locator("#infill-length").inner_text()) < base + 3
+        page.fill("#infill-template", "a <|mask:2|> b <|mask:2|> c")
+        page.click("#infill-go")
+        expect(page.locator("#error")).to_contain_text("Automatic length fills exactly one span")
+        page.close()
+        assert not errors, errors

@@ -271,25 +271,35 @@ def infill(
     model: Optional[str] = ModelOpt,
     steps: Optional[int] = StepsOpt, eps: float = EpsOpt, temperature: float = TempOpt,
     top_p: Optional[float] = TopPOpt, top_k: Optional[int] = TopKOpt, alg: str = AlgOpt,
-    alg_temp: Optional[float] = AlgTempOpt, seed: int = SeedOpt, as_json: bool = JsonOpt,
-    dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt,
+    alg_temp: Optional[float] = AlgTempOpt, seed: int = SeedOpt, show: bool = ShowOpt, delay: float = DelayOpt,
+    as_json: bool = JsonOpt, dtype: Optional[str] = DtypeOpt, device: Optional[str] = DeviceOpt,
 ) -> None:
-    """Fill the mask spans of TEMPLATE; everything outside them is kept exactly."""
+    """Fill the mask spans of TEMPLATE; everything outside them is kept exactly (--show: watch the spans fill in,
+    and with <|mask:auto|> grow and shrink)."""
     from dreamlm.sampling import infill as run_infill
+    from dreamlm.view import CanvasView
 
     with user_errors():
         if not template.strip():
             raise DreamError("the template is empty")
         template = template.replace("\\n", "\n")  # a typed backslash-n is a newline, as for solve
         check_steps(steps)
+        check_delay(delay)
         net, tok = load(model, dtype, device)
         kwargs = sampler_kwargs(steps or 1, eps, temperature, top_p, top_k, alg, alg_temp, seed)
         kwargs["steps"] = steps  # None: one step per masked token
-        result = run_infill(net, tok, template, banned_token_ids=unwritable_ids(net, tok), **kwargs)
+        view = CanvasView(tok, net.config.mask_token_id, 0, steps, delay=delay,
+                          console=err if as_json else None) if show else None
+        try:
+            result = run_infill(net, tok, template, banned_token_ids=unwritable_ids(net, tok),
+                                generation_tokens_hook_func=view, **kwargs)
+        finally:
+            if view is not None:
+                view.close()
         announce(choose_precision(dtype, device))
         if as_json:
             print(json.dumps({"template": template, "text": result.text, "fills": result.fills}))
-        else:
+        elif not show:
             print(result.text)
 
 

@@ -18,7 +18,7 @@ MASK_GLYPH = "░"
 
 
 # special tokens drawn as glyphs in live views (the raw strings are noise there; the text output keeps none of them)
-SPECIAL_GLYPHS = {"<|sep|>": " │ ", "<|pad|>": "·", "<|endoftext|>": "⏹"}
+SPECIAL_GLYPHS = {"<|sep|>": " │ ", "<|pad|>": "·", "<|endoftext|>": "⏹", "<|expand|>": "⇹", "<|delete|>": "⌫"}
 
 
 def readable(text: str) -> str:
@@ -28,33 +28,52 @@ def readable(text: str) -> str:
     return text
 
 
-class CanvasView:
-    """A tokens hook for `diffusion_generate` that redraws row 0 of the canvas after every step."""
+def newly_filled(before: list[int], row: list[int], mask_id: int) -> list[int]:
+    """Positions of `row` that hold a token where `before` had a mask. A canvas that changed length (DreamOn's
+    expand/delete) is compared from its nearer end, as the text around an infill span does not move."""
+    out = []
+    for i, t in enumerate(row):
+        j = i if len(before) == len(row) or i < len(row) // 2 else len(before) - (len(row) - i)
+        if t != mask_id and 0 <= j < len(before) and before[j] == mask_id:
+            out.append(i)
+    return out
 
-    def __init__(self, tokenizer: "DreamTokenizer", mask_token_id: int, start: int, steps: int,
+
+class CanvasView:
+    """A tokens hook for `diffusion_generate` that redraws row 0 of the canvas after every step.
+
+    The canvas may change length between steps (DreamOn's expand/delete states): the footer then shows the length,
+    and new tokens are found by `newly_filled`."""
+
+    def __init__(self, tokenizer: "DreamTokenizer", mask_token_id: int, start: int, steps: int | None,
                  console: Console | None = None, delay: float = 0.0, title: str = "dreamlm") -> None:
         self.tokenizer, self.mask_token_id, self.start, self.steps = tokenizer, mask_token_id, start, steps
         self.console = console or Console()
         self.delay, self.title = delay, title
         self.previous: list[int] | None = None
+        self.first_length: int | None = None
         self.live: Live | None = None
 
     def render(self, ids: list[int], step: int | None) -> Panel:
         """One frame: context dim, new tokens highlighted, masks as glyphs."""
         text = Text()
+        fresh_positions = set(newly_filled(self.previous, ids, self.mask_token_id)) if self.previous else set()
         text.append(readable(self.tokenizer.decode(ids[: self.start])), style="dim")
         for pos in range(self.start, len(ids)):
             token = ids[pos]
             if token == self.mask_token_id:
                 text.append(MASK_GLYPH, style="grey50")
                 continue
-            fresh = self.previous is not None and self.previous[pos] == self.mask_token_id
+            fresh = pos in fresh_positions
             piece = self.tokenizer.decode([token])
             shown = readable(piece)
             text.append(shown, style="bold green" if fresh else "dim" if shown != piece else "")
         masks = sum(1 for t in ids[self.start:] if t == self.mask_token_id)
-        label = "start" if step is None else f"step {step + 1}/{self.steps}"
-        footer = Text(f"{label} · {masks} masks left", style="cyan")
+        if self.first_length is None:
+            self.first_length = len(ids)
+        label = "start" if step is None else f"step {step + 1}" + (f"/{self.steps}" if self.steps else "")
+        resized = f" · canvas {self.first_length} → {len(ids)} tokens" if len(ids) != self.first_length else ""
+        footer = Text(f"{label} · {masks} masks left{resized}", style="cyan")
         return Panel(Group(text, footer), title=self.title, border_style="blue")
 
     def __call__(self, step: int | None, x: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:

@@ -43,6 +43,7 @@ from dreamlm.serve.protocol import (
     ModelList,
     error_json,
 )
+from dreamlm.view import newly_filled
 
 if TYPE_CHECKING:
     from dreamlm.model import DreamModel
@@ -506,9 +507,11 @@ def step_frame(served: Served, p: Prompt, tag: int, n: int, rows: list[list[int]
     for r, row in enumerate(rows):
         out.append({"index": tag * n + r,
                     "tokens": [None if t == mask_id else tok.decode([t]) for t in row],
-                    "committed": [i for i, (a, b) in enumerate(zip(before[r], row)) if a == mask_id and b != mask_id],
+                    "committed": newly_filled(before[r], row, mask_id),
                     "masked": sum(t == mask_id for t in row)})
-    answer = [p.lo, p.hi] if p.spans is None else None
+    answer = None
+    if p.spans is None:  # an automatic-length answer ends where the suffix starts, however long the canvas now is
+        answer = [p.lo, p.hi if p.auto_tail is None else len(rows[0]) - p.auto_tail]
     return {"step": event["step"], "passes": event["passes"], "prompt": tag, "answer": answer,
             "spans": p.spans, "rows": out}
 

@@ -126,7 +126,7 @@ function drawCanvas(el, frame) {
 // An error leaves no stale run on screen: empty canvas, counters at 0, nothing to scrub.
 function resetCanvas(prefix) {
   $(prefix + "-canvas").textContent = "";
-  for (const id of ["-step", "-passes", "-rate"]) if ($(prefix + id)) $(prefix + id).textContent = "0";
+  for (const id of ["-step", "-passes", "-rate", "-length"]) if ($(prefix + id)) $(prefix + id).textContent = "0";
   const scrub = $(prefix + "-scrub");
   scrub.max = "0";
   scrub.value = "0";
@@ -166,6 +166,7 @@ async function runCanvas(prefix, body) {
       frames.push(data);
       drawCanvas(canvas, data);
       $(prefix + "-step").textContent = data.step;
+      if ($(prefix + "-length")) $(prefix + "-length").textContent = data.rows[0].tokens.length;
       if ($(prefix + "-passes")) $(prefix + "-passes").textContent = data.passes;
       if ($(prefix + "-rate")) {
         const row = data.rows[0];
@@ -181,6 +182,7 @@ async function runCanvas(prefix, body) {
       const f = frames[Number(scrub.value)];
       drawCanvas(canvas, f);
       $(prefix + "-step").textContent = f.step;
+      if ($(prefix + "-length")) $(prefix + "-length").textContent = f.rows[0].tokens.length;
     };
   } catch (e) {
     failCanvas(prefix, "Could not reach the server: " + e.message);
@@ -208,15 +210,26 @@ $("infill-mark").addEventListener("click", () => {
   const area = $("infill-template");
   const { selectionStart: a, selectionEnd: b, value } = area;
   const n = Math.max(1, Number($("infill-span").value) || 1);
-  area.value = value.slice(0, a) + `<|mask:${n}|>` + value.slice(b);
+  area.value = value.slice(0, a) + ($("infill-auto").checked ? `<|mask:auto:${n}|>` : `<|mask:${n}|>`) + value.slice(b);
   area.focus();
 });
 
 $("infill-form").addEventListener("submit", (e) => {
   e.preventDefault();
-  runCanvas("infill", {
-    model: $("infill-model").value, prompt: $("infill-template").value, alg: $("infill-alg").value, seed: 0,
-  });
+  const template = $("infill-template").value;
+  const body = { model: $("infill-model").value, prompt: template, alg: $("infill-alg").value, seed: 0 };
+  if ($("infill-auto").checked) {
+    // automatic length: the text before the one span is the prompt, the text after it the suffix (no max_tokens)
+    const spans = template.match(/<\|mask(:[^|]*)?\|>/g) || [];
+    if (spans.length !== 1) {
+      failCanvas("infill", `Automatic length fills exactly one span; this text has ${spans.length}.`);
+      return;
+    }
+    const at = template.indexOf(spans[0]);
+    body.prompt = template.slice(0, at);
+    body.suffix = template.slice(at + spans[0].length);
+  }
+  runCanvas("infill", body);
 });
 
 // ---- puzzles -------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from dreamlm.errors import DreamError
 from dreamlm.hub import model_config_file, model_label, require_model_dir
-from dreamlm.files import output_dir, output_file, read_text
+from dreamlm.files import output_dir, output_file, read_puzzle_records
 from dreamlm.hub import DEFAULT_MODEL
 from dreamlm.sampling.infill import unwritable_ids
 
@@ -95,19 +95,7 @@ def progress(what: str, total: Optional[int] = None) -> Iterator:
 
 def read_puzzle_file(file: Path) -> list[str]:
     """The "input" of each line of a JSONL file (UTF-8, a BOM allowed); DreamError naming the first bad line."""
-    text = read_text(file, "puzzle file")
-    puzzles = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise DreamError(f"{file}:{number}: not JSON; every line must be an object with an \"input\"") from None
-        if not isinstance(record, dict) or not isinstance(record.get("input"), str):
-            raise DreamError(f"{file}:{number}: every line must be an object whose \"input\" is a string")
-        puzzles.append(record["input"])
-    return puzzles
+    return [record["input"] for record in read_puzzle_records(file)]
 
 
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")

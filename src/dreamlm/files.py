@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import errno
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -141,3 +142,20 @@ def _probe(path: Path, folder: Path) -> None:
         raise DreamError(f"cannot write {path}: {folder} does not accept new files{why}") from None
     os.close(fd)
     os.unlink(name)
+
+
+def read_puzzle_records(path: str | Path, what: str = "puzzle file") -> list[dict]:
+    """The JSON objects of a JSONL puzzle file (UTF-8, a BOM allowed, blank lines skipped), each with a string
+    "input"; DreamError naming the first bad line."""
+    records = []
+    for number, line in enumerate(read_text(path, what).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise DreamError(f"{path}:{number}: not JSON; every line must be an object with an \"input\"") from None
+        if not isinstance(record, dict) or not isinstance(record.get("input"), str):
+            raise DreamError(f"{path}:{number}: every line must be an object whose \"input\" is a string")
+        records.append(record)
+    return records

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import torch
 
 from dreamlm.errors import DreamError
-from dreamlm.files import output_dir
+from dreamlm.files import output_dir, read_puzzle_records
 from dreamlm.hub import resolve
 from dreamlm.model import DreamModel
 from dreamlm.precision import training_precision
@@ -37,7 +37,7 @@ from dreamlm.training.data import resolve_files
 from dreamlm.training.parallel import (all_reduce_sum, barrier, full_state, init_world, load_full_state, shard_model,
                                        shutdown)
 from dreamlm.training.state import LATEST, checkpoint_root, load_training_checkpoint, save_training_checkpoint
-from dreamlm.training.trainer import lr_at
+from dreamlm.training.trainer import log_metrics, lr_at, open_run
 
 VALID_SEED = 2  # validation puzzles: the test split drawn with seed 2 (the benches use seed 1, training data 0)
 
@@ -114,18 +114,7 @@ class GRPOTrainer:
 
     @staticmethod
     def _read(files: list[str]) -> list[dict[str, Any]]:
-        examples = []
-        for path in resolve_files(files):
-            with path.open(encoding="utf-8") as fh:
-                for number, line in enumerate(fh, 1):
-                    if line.strip():
-                        try:
-                            item = json.loads(line)
-                        except json.JSONDecodeError:
-                            raise DreamError(f"{path}:{number}: not JSON") from None
-                        if not isinstance(item, dict) or not isinstance(item.get("input"), str):
-                            raise DreamError(f"{path}:{number}: every line must be an object with an \"input\"")
-                        examples.append(item)
+        examples = [record for path in resolve_files(files) for record in read_puzzle_records(path, "data file")]
         if not examples:
             raise DreamError(f"no examples in {', '.join(files)}")
         return examples
@@ -283,10 +272,7 @@ class GRPOTrainer:
 
     # ---- the run -------------------------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
-        self.history.append(record)
-        if self.world.main:
-            with (self.out / "metrics.jsonl").open("a") as fh:
-                fh.write(json.dumps(record) + "\n")
+        log_metrics(self, record)
 
     def _say(self, text: str) -> None:
         if self.cfg.run.progress and self.world.main:
@@ -302,14 +288,7 @@ class GRPOTrainer:
     def fit(self, resume: bool = False) -> Path | None:
         """Run to optim.max_steps (or run.stop_at), logging, evaluating and checkpointing; export at the end."""
         cfg = self.cfg
-        if resume and not self.resume():
-            raise DreamError(f"--resume: {self.out} holds no checkpoint to continue; drop --resume to start a new run")
-        if not resume and (self.out / "checkpoints").exists():
-            raise DreamError(f"{self.out} already holds a run; pass --resume to continue it or choose another out_dir")
-        if self.world.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "rl_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        last = cfg.optim.max_steps if not cfg.run.stop_at else min(cfg.run.stop_at, cfg.optim.max_steps)
+        last = open_run(self, resume, "rl_config.json")
         if self.step == 0:
             self._evaluate_and_log()  # the starting point of the curve
         try:

@@ -19,6 +19,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -324,6 +325,30 @@ def build_source(cfg: TrainConfig, tokenizer: DreamTokenizer, files: list[str], 
                           world.rank, world.size)
 
 
+
+def log_metrics(run: Any, record: dict) -> None:
+    """Keep a metrics record in `run.history` and append it to metrics.jsonl (main process only): the log of a
+    training run and of an RL run alike."""
+    run.history.append(record)
+    if run.world.main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        with (run.out / "metrics.jsonl").open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+def open_run(run: Any, resume: bool, config_name: str) -> int:
+    """The start of `fit` for a training run and an RL run alike: continue from the latest checkpoint (`resume`) or
+    refuse to write over an existing run, save the config as `config_name`, and return the last step to run to."""
+    cfg = run.cfg
+    if resume and not run.resume():
+        raise DreamError(f"--resume: {run.out} holds no checkpoint to continue; drop --resume to start a new run")
+    if not resume and (run.out / "checkpoints").exists():
+        raise DreamError(f"{run.out} already holds a run; pass --resume to continue it or choose another out_dir")
+    if run.world.main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / config_name).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    return cfg.optim.max_steps if not cfg.run.stop_at else min(cfg.run.stop_at, cfg.optim.max_steps)
+
 class Trainer:
     """Holds the pieces of a run; `fit()` runs it."""
 
@@ -546,23 +571,12 @@ class Trainer:
 
     # ---- the run -------------------------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
-        self.history.append(record)
-        if self.world.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            with (self.out / "metrics.jsonl").open("a") as fh:
-                fh.write(json.dumps(record) + "\n")
+        log_metrics(self, record)
 
     def fit(self, resume: bool = False) -> Path | None:
         """Train to max_steps (or stop_at), logging, evaluating and checkpointing; export at the end."""
         cfg = self.cfg
-        if resume and not self.resume():
-            raise DreamError(f"--resume: {self.out} holds no checkpoint to continue; drop --resume to start a new run")
-        if not resume and (self.out / "checkpoints").exists():
-            raise DreamError(f"{self.out} already holds a run; pass --resume to continue it or choose another out_dir")
-        if self.world.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        last = cfg.optim.max_steps if not cfg.run.stop_at else min(cfg.run.stop_at, cfg.optim.max_steps)
+        last = open_run(self, resume, "train_config.json")
         progress = _Progress(cfg.run.progress and self.world.main, self.step, cfg.optim.max_steps)
         start_time, tokens_since, window_start = time.perf_counter(), 0, time.perf_counter()
         losses: list[float] = []

@@ -85,11 +85,16 @@ def main() -> None:
               file=sys.stderr, flush=True)
     report = {"machine": machine(), "command": "python benchmarks/precision_planning.py " + " ".join(sys.argv[1:]),
               "n": args.n, "wall_seconds": round(time.perf_counter() - start, 1), "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "precision_planning.json").write_text(json.dumps(report, indent=2) + "\n")
-    text = (f"`{report['command']}` on {report['machine']}, {args.n} held-out puzzles per model, the same "
-            f"puzzles in both precisions\n\n{table(report)}\n")
-    (args.out / "precision_planning.md").write_text(text)
+    write_report(args.out, "precision_planning", report,
+                 f"{args.n} held-out puzzles per model, the same puzzles in both precisions", table(report))
+
+
+def write_report(out: Path, name: str, report: dict, what: str, table_text: str) -> None:
+    """NAME.json (the report) and NAME.md (the command, machine, `what` and the table) in `out`; the text printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    text = f"`{report['command']}` on {report['machine']}, {what}\n\n{table_text}\n"
+    (out / f"{name}.md").write_text(text)
     print(text)
 
 

@@ -29,7 +29,7 @@ from dreamlm.solver import TASK_FILE, Solver
 from dreamlm.tasks import make_examples
 
 sys.path.insert(0, str(Path(__file__).parent))
-from precision_planning import planning_models  # noqa: E402
+from precision_planning import planning_models, write_report  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
 
@@ -113,13 +113,9 @@ def main() -> None:
                   + ", ".join(f"{k} {rows[-1][k]['accuracy']:.3f}" for k in kinds), file=sys.stderr, flush=True)
     report = {"machine": machine(), "command": "python benchmarks/quantized_planning.py " + " ".join(sys.argv[1:]),
               "n": args.n, "types": kinds, "wall_seconds": round(time.perf_counter() - start, 1), "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quantized_planning.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, "quantized_planning", report,
+                 f"{args.n} held-out puzzles per model, the same puzzles for every type", table(report))
     plot(report, args.out / "quantized_planning.png")
-    text = (f"`{report['command']}` on {report['machine']}, {args.n} held-out puzzles per model, the same puzzles "
-            f"for every type\n\n{table(report)}\n")
-    (args.out / "quantized_planning.md").write_text(text)
-    print(text)
 
 
 if __name__ == "__main__":

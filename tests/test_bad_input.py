@@ -270,6 +270,7 @@ def issue_cases(f: dict[str, Path]) -> list[list[str]]:
         ["eval", "-m", TINY, "--batch-size", "0"], ["eval", "-m", TINY, "--mc-num", "0"],
         ["bench", "serve", "--max-tokens", "5000"], ["bench", "serve", "--temperature", "-1"],
         ["bench", "serve", "--temperature", "3"],
+        ["bench", "serve", "--soak", "-1"], ["bench", "serve", "--soak", "nan"], ["bench", "serve", "--soak-clients", "0"],
         ["solve", "countdown", "a,b,c,d"],
         ["generate", "a\udcffb", "-m", TINY],  # an undecodable byte in argv
         ["infill", "a <|mask|> \ud800", "-m", TINY],

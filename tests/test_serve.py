@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 
@@ -466,3 +467,18 @@ def test_a_request_that_fails_inside_the_engine_leaves_the_others_running(server
         t.join()
     assert results["good"] == expected
     assert results["bad"][0] == 500 and "RuntimeError: boom" in results["bad"][1]
+
+
+def test_bench_serve_soak_reports_errors_latency_and_the_servers_memory(tmp_path):
+    from dreamlm.serve.bench import rss_mb, serve_bench, serve_table
+    from dreamlm.serve.local import model_paths
+
+    assert rss_mb(os.getpid()) > 1 and rss_mb(2**22 + 7) is None  # this process; no such process
+    report = serve_bench(model_paths("tiny-dream")[0], levels=(1,), max_tokens=(4,), requests_per_client=1,
+                         out_dir=tmp_path, threads=1, soak=3.0, soak_clients=2)
+    soak = report["soak"]
+    assert soak["concurrency"] == 2 and soak["errors"] == 0 and soak["requests"] >= 2
+    assert soak["rss_samples"] and all(mb > 1 for _, mb in soak["rss_samples"])
+    assert "Soak: 2 clients for 3 s with batching on" in serve_table(report)
+    assert json.loads((tmp_path / "serve.json").read_text())["soak"]["requests"] == soak["requests"]
+    assert (tmp_path / "serve.png").stat().st_size > 0

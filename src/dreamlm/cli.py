@@ -142,6 +142,7 @@ def check_at_least(name: str, value: Optional[int], low: int = 1) -> None:
         raise DreamError(f"{name} must be >= {low}, got {value}")
 
 
+SERVE_ONEDNN_CACHE = 16  # oneDNN kernels `dreamlm serve` keeps (ONEDNN_PRIMITIVE_CACHE_CAPACITY overrides)
 MAX_STEPS = 2048  # the denoising-step cap of every verb, the same as dreamlm serve's default --max-steps
 
 
@@ -724,6 +725,10 @@ def serve(
 
     from dreamlm.serve import Limits, bundled_models, create_app, load_models
 
+    # A packed batch has a new shape at almost every step, and oneDNN keeps a compiled kernel per shape (1024 by
+    # default): the cache alone grew the server by ~500 MB over a soak. A small one keeps memory flat at the same
+    # throughput (measured, docs/serving.md). Read once, at oneDNN's first kernel: before any model runs.
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(SERVE_ONEDNN_CACHE))
     with user_errors():
         if log_level not in ("debug", "info", "warning", "error"):
             raise DreamError(f"unknown log level {log_level!r}; choose debug, info, warning or error")
@@ -1006,7 +1011,11 @@ def bench_serve(model: Optional[str] = typer.Option(None, "--model", "-m",
                                                                  "torch's)."),
                 dtype: Optional[str] = DtypeOpt,
                 out_dir: Path = typer.Option(Path("dreamlm-bench"), "--out", help="Folder for the tables, JSON and plot "
-                                                                 "(the repo's own: benchmarks/results).")
+                                                                 "(the repo's own: benchmarks/results)."),
+                soak: float = typer.Option(0.0, help="Then this many seconds of the mixed load with batching on "
+                                                     "(errors, latency, the server's memory over time); 0: none."),
+                soak_clients: Optional[int] = typer.Option(None, help="Clients of the soak (default: the largest "
+                                                                      "concurrency level).")
                 ) -> None:
     """`dreamlm serve` under a mixed-length load (3 prompt lengths x max_tokens, half streamed): requests/s, tokens/s,
     p50/p95/p99 latency, batching on vs off."""
@@ -1027,6 +1036,10 @@ def bench_serve(model: Optional[str] = typer.Option(None, "--model", "-m",
             raise DreamError(f"--max-tokens must be comma-separated integers, got {max_tokens!r}") from None
         check_at_least("--per-client", per_client)
         check_at_least("--threads", threads)
+        check_at_least("--soak-clients", soak_clients)
+        check_number("--soak", soak)
+        if soak < 0:
+            raise DreamError(f"--soak must be >= 0 seconds, got {soak}")
         if not lengths or min(lengths) < 1:
             raise DreamError("every --max-tokens value must be >= 1")
         path = require_model_dir(model_path(model, default="tiny-dream"))
@@ -1041,7 +1054,8 @@ def bench_serve(model: Optional[str] = typer.Option(None, "--model", "-m",
         precision = choose_precision(dtype, None)
         announce(precision)
         report = serve_bench(Path(path), levels, lengths, temperature, per_client, out_dir,
-                             dtype=str(precision.dtype).removeprefix("torch."), threads=threads)
+                             dtype=str(precision.dtype).removeprefix("torch."), threads=threads, soak=soak,
+                             soak_clients=soak_clients)
         print(serve_table(report))
         err.print(f"wrote {out_dir}/serve.(md|json|png)")
 

@@ -118,16 +118,21 @@ async def _one(client: Any, model: str, i: int, prompt: str, max_tokens: int, st
 
 
 async def _level(url: str, model: str, concurrency: int, requests: int, mix: list[tuple[str, int, bool]],
-                 temperature: float, seed0: int) -> dict[str, Any]:
+                 temperature: float, seed0: int, until: float | None = None) -> dict[str, Any]:
+    """`requests` requests from `concurrency` workers; with `until` (a time.monotonic()), workers instead start
+    requests until then (the soak) and `requests` is what they sent."""
     import httpx
 
     latencies: list[float] = []
     tokens = canvas = errors = 0
     next_id = 0
 
+    def more() -> bool:
+        return time.monotonic() < until if until is not None else next_id < requests
+
     async def worker(client: httpx.AsyncClient) -> None:
         nonlocal next_id, tokens, canvas, errors
-        while next_id < requests:
+        while more():
             i = next_id
             next_id += 1
             prompt, max_tokens, stream = mix[i % len(mix)]
@@ -144,6 +149,9 @@ async def _level(url: str, model: str, concurrency: int, requests: int, mix: lis
         start = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         seconds = time.perf_counter() - start
+    requests = len(latencies)
+    if not requests:
+        raise DreamError("no request was sent (the soak ended before the first one)")
     latencies.sort()
 
     def pct(q: float) -> float:
@@ -174,9 +182,10 @@ def probe(url: str, model: str, mix: list[tuple[str, int, bool]], temperature: f
 
 def serve_bench(model_dir: Path, levels: tuple[int, ...] = LEVELS, max_tokens: tuple[int, ...] = MAX_TOKENS,
                 temperature: float = 0.0, requests_per_client: int = 4, out_dir: Path | None = None,
-                prompts: tuple[str, ...] = PROMPTS, dtype: str = "float32", threads: int | None = None
-                ) -> dict[str, Any]:
-    """Both servers (weights in `dtype`, `threads` CPU threads each) at every level; the report (and files in
+                prompts: tuple[str, ...] = PROMPTS, dtype: str = "float32", threads: int | None = None,
+                soak: float = 0.0, soak_clients: int | None = None) -> dict[str, Any]:
+    """Both servers (weights in `dtype`, `threads` CPU threads each) at every level, then, with `soak` > 0, the
+    batching server under `soak_clients` (default: the largest level) for `soak` seconds; the report (and files in
     out_dir)."""
     from dreamlm.bench import machine
     from dreamlm.hub import model_label
@@ -197,6 +206,10 @@ def serve_bench(model_dir: Path, levels: tuple[int, ...] = LEVELS, max_tokens: t
             for batching in (True, False):
                 row = asyncio.run(_level(servers[batching].url, model, c, n, mix, temperature, 1000 * c))
                 report["rows"].append({"batching": batching, **row})
+        if soak > 0:
+            servers.pop(False).close()
+            report["soak"] = asyncio.run(_soak(servers[True], model, soak_clients or max(levels), soak, mix,
+                                               temperature))
     finally:
         for server in servers.values():
             server.close()
@@ -212,6 +225,53 @@ def serve_bench(model_dir: Path, levels: tuple[int, ...] = LEVELS, max_tokens: t
     if out_dir is not None:
         write_serve_report(report, Path(out_dir))
     return report
+
+
+def rss_mb(pid: int) -> float | None:
+    """Resident memory of a process in MB (Linux /proc; None elsewhere or once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+async def _soak(server: ServerProcess, model: str, concurrency: int, seconds: float,
+                mix: list[tuple[str, int, bool]], temperature: float, every: float = 5.0) -> dict[str, Any]:
+    """The mixed load from `concurrency` clients for `seconds`, the server's RSS sampled every `every` s."""
+    samples: list[tuple[float, float]] = []
+    start = time.monotonic()
+    until = start + seconds
+
+    async def sample() -> None:
+        while time.monotonic() < until:
+            rss = rss_mb(server.proc.pid)
+            if rss is not None:
+                samples.append((time.monotonic() - start, rss))
+            await asyncio.sleep(every)
+
+    sampler = asyncio.create_task(sample())
+    row = await _level(server.url, model, concurrency, 0, mix, temperature, 10**7, until=until)
+    await sampler
+    rss_end = rss_mb(server.proc.pid)
+    if rss_end is not None:
+        samples.append((time.monotonic() - start, rss_end))
+    warm = [mb for t, mb in samples if t >= seconds / 3]  # the first third is warm-up (allocator arenas, caches)
+    return {**row, "soak_seconds": seconds, "rss_samples": samples,
+            "rss_after_warmup_mb": [min(warm), max(warm)] if warm else None,
+            "rss_growth_after_warmup_mb": (warm[-1] - warm[0]) if warm else None}
+
+
+def soak_line(soak: dict[str, Any]) -> str:
+    """One line on a soak: requests, errors, latency, memory."""
+    rss = soak["rss_after_warmup_mb"]
+    memory = (f"server RSS after warm-up {rss[0]:.0f}–{rss[1]:.0f} MB (first to last sample "
+              f"{soak['rss_growth_after_warmup_mb']:+.1f} MB)") if rss else "server RSS not measured (no /proc)"
+    return (f"Soak: {soak['concurrency']} clients for {soak['soak_seconds']:.0f} s with batching on: "
+            f"{soak['requests']} requests, {soak['errors']} errors, {soak['requests_per_second']:.2f} requests/s, "
+            f"p95 {soak['p95_ms']:.0f} ms; {memory}.")
 
 
 def serve_table(report: dict[str, Any]) -> str:
@@ -231,6 +291,8 @@ def serve_table(report: dict[str, Any]) -> str:
         lines.append(f"| {'on' if r['batching'] else 'off'} | {r['concurrency']} | {r['requests']} | {r['errors']} | "
                      f"{r['requests_per_second']:.2f} | {r['canvas_tokens_per_second']:.0f} | {r['p50_ms']:.0f} | "
                      f"{r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {ratio} | {scaling} |")
+    if report.get("soak"):
+        lines += ["", soak_line(report["soak"])]
     return "\n".join(lines)
 
 
@@ -246,7 +308,14 @@ def write_serve_report(report: dict[str, Any], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "serve.json", lambda p: p.write_text(json.dumps(report, indent=2)))
     atomic_write(out_dir / "serve.md", lambda p: p.write_text(serve_table(report) + "\n"))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    soak = report.get("soak")
+    fig, axes = plt.subplots(1, 3 if soak else 2, figsize=(15 if soak else 10, 4))
+    left, right = axes[0], axes[1]
+    if soak:
+        samples = soak["rss_samples"]
+        axes[2].plot([t for t, _ in samples], [mb for _, mb in samples], "o-")
+        axes[2].set_xlabel("seconds")
+        axes[2].set_title(f"server RSS (MB), soak at {soak['concurrency']} clients")
     for batching, style in ((True, "o-"), (False, "s--")):
         rows = [r for r in report["rows"] if r["batching"] is batching]
         label = "batching on" if batching else "batching off (one request per forward)"

@@ -192,6 +192,38 @@ def test_bad_reward_stops_with_a_checkpoint(diffusion_dir, tmp_path):
     assert path is not None and path.is_dir()
 
 
+def test_refill_keeps_only_informative_groups(diffusion_dir, tmp_path):
+    def half(completion, example):  # every completion of half the puzzles gets the same reward: no signal
+        return 1.0 if sum(map(ord, example["input"])) % 2 else varied(completion, example)
+
+    cfg = config(diffusion_dir, tmp_path / "run", "rollout.refill=6", "rollout.prompts=3", "optim.max_steps=2")
+    trainer = GRPOTrainer(cfg, reward=half)
+    first = trainer.examples(0)
+    rng = random.Random("dreamlm-rl/0/0")  # round 0 draws as before refills existed (old runs resume the same)
+    assert first == [get_task(TASK).generate(rng, "train") for _ in range(3)]
+    assert trainer.examples(0, 1) != first and trainer.examples(0, 1) == trainer.examples(0, 1)
+    batch, rewards = trainer._rollouts(first, torch.Generator().manual_seed(0))
+    kept, kept_rewards, rounds, tokens = trainer._refill(batch, rewards, torch.Generator().manual_seed(1))
+    groups = kept_rewards.view(-1, 4)
+    assert 1 <= groups.shape[0] <= 3 and (groups.max(1).values > groups.min(1).values).all()
+    assert kept.x.shape[0] == len(kept.completions) == groups.numel() and 0 <= rounds <= 6
+    assert tokens >= batch.tokens and (rounds == 0) == (tokens == batch.tokens)
+    # every kept row's reward is its own completion's (rows and rewards stay together)
+    examples = first + [e for k in range(1, rounds + 1) for e in trainer.examples(0, k)]
+    by_input = {e["input"]: e for e in examples}
+    for r, completion in enumerate(kept.completions):
+        prompt = trainer.solver.decode(kept.x[r][kept.prompt[r]].tolist())
+        example = next(e for text, e in by_input.items() if text in prompt or prompt in text)
+        assert float(kept_rewards[r]) == half(completion, example)
+    path = train(cfg, reward=half)
+    steps = [h for h in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "reward" in h]
+    assert all("refills" in h and 0 <= h["kept_groups"] <= 3 for h in steps) and path.is_dir()
+    with pytest.raises(DreamError, match="rollout.refill draws fresh train-split puzzles"):
+        GRPOTrainer(config(diffusion_dir, tmp_path / "files", "rollout.refill=1", f"data.train=[\"{tmp_path}\"]"))
+    with pytest.raises(DreamError, match="rollout.refill must be in 0..64"):
+        config(diffusion_dir, tmp_path, "rollout.refill=65")
+
+
 # ---- config and CLI ------------------------------------------------------------------------------------------
 def test_recipe_errors_name_the_key(diffusion_dir, tmp_path):
     with pytest.raises(DreamError, match="rl recipe: rollout.group_size must be >= 2"):

@@ -4,7 +4,10 @@ It is `TrainConfig` (the same strict reader, the same [model], [data], [optim] a
 
 [rollout]  group_size (completions per prompt, G), prompts (prompts per step, P), temperature (sampling temperature
            of the rollouts), alg (the diffusion sampler's confidence: entropy, maskgit_plus, topk_margin; one slot
-           per step, the most confident first, as the planning solvers decode)
+           per step, the most confident first, as the planning solvers decode), refill (dynamic sampling, as DAPO:
+           while fewer than `prompts` groups of a step carry a signal (rewards not all equal), roll out up to this
+           many more rounds of `prompts` fresh puzzles and keep only the informative groups, at most `prompts`;
+           0 = off; single process, with train-split puzzles)
 [grpo]     estimator ("one_step" d1, "coupled" DiffuCoder, "elbo" sequence-level ESPO-style; "exact" for an AR
            model, chosen automatically for one), inner_steps (optimizer steps per batch of rollouts, μ), clip_eps
            (ε of the clipped ratio), beta (weight of the k3 KL to the frozen initial model; 0 = no reference),
@@ -41,6 +44,7 @@ class RolloutSection:
     prompts: int = 8
     temperature: float = 1.0
     alg: str = "entropy"
+    refill: int = 0
 
 
 @dataclass
@@ -104,6 +108,7 @@ class RLConfig(TrainConfig):
              "rollout.group_size must be in 1..1024 and rollout.prompts >= 1"),
             (r.group_size >= 2, "rollout.group_size must be >= 2 (advantages compare a group's completions)"),
             (r.temperature > 0, "rollout.temperature must be > 0 (a group of greedy completions is one completion)"),
+            (0 <= r.refill <= 64, "rollout.refill must be in 0..64 (extra rounds of rollouts a step)"),
             (r.alg in ("entropy", "maskgit_plus", "topk_margin"),
              "rollout.alg must be entropy, maskgit_plus or topk_margin"),
             (1 <= g.inner_steps <= 64, "grpo.inner_steps must be in 1..64"),

@@ -30,7 +30,7 @@ from dreamlm.rl.config import RLConfig
 from dreamlm.rl.estimators import Estimator, draw, loglik
 from dreamlm.rl.grpo import group_advantages, grpo_loss
 from dreamlm.rl.rewards import Reward, RewardError, builtin_reward, score
-from dreamlm.rl.rollouts import rollouts
+from dreamlm.rl.rollouts import Rollouts, rollouts
 from dreamlm.solver import TASK_FILE, Solver, read_task_file, star_shapes
 from dreamlm.tasks import get_task, make_examples
 from dreamlm.training.data import resolve_files
@@ -105,6 +105,9 @@ class GRPOTrainer:
         self.solver = Solver.from_model(self.rollout_model, cfg.data.task, int(self.meta["seq_len"]),
                                         self.meta.get("separator", ""), str(self.meta.get("view", "")))
         self.solver.star_shapes = star_shapes(self.meta)  # read puzzles at the shapes the model was trained on
+        if cfg.rollout.refill and (cfg.data.train or self.world.distributed):
+            raise DreamError("rollout.refill draws fresh train-split puzzles in one process: it does not work with "
+                             "data.train files or under torchrun")
         self.train_examples = self._read(cfg.data.train) if cfg.data.train else None
         self.valid_examples = (self._read(cfg.data.valid) if cfg.data.valid
                                else make_examples(cfg.data.task, cfg.run.eval_solve, VALID_SEED, "test"))
@@ -120,9 +123,10 @@ class GRPOTrainer:
         return examples
 
     # ---- one step ------------------------------------------------------------------------------------------
-    def examples(self, step: int) -> list[Mapping[str, Any]]:
+    def examples(self, step: int, refill: int = 0) -> list[Mapping[str, Any]]:
         """This rank's prompts of a step: fresh train-split puzzles (data.task and grpo.tasks in turn) or the
-        data.train files' examples in order, the same for a given (seed, step) on every run."""
+        data.train files' examples in order, the same for a given (seed, step) on every run; `refill` > 0: the
+        fresh puzzles of that extra round (rollout.refill)."""
         cfg = self.cfg
         P, W = cfg.rollout.prompts, self.world.size
         if self.train_examples is not None:
@@ -130,7 +134,7 @@ class GRPOTrainer:
             chosen = [self.train_examples[(step * P * W + i) % n] for i in range(P * W)]
         else:
             names = [cfg.data.task, *cfg.grpo.tasks]
-            rng = random.Random(f"dreamlm-rl/{cfg.run.seed}/{step}")
+            rng = random.Random(f"dreamlm-rl/{cfg.run.seed}/{step}" + (f"/refill{refill}" if refill else ""))
             chosen = [get_task(names[i % len(names)]).generate(rng, "train") for i in range(P * W)]
         return chosen[self.world.rank::W]
 
@@ -144,12 +148,15 @@ class GRPOTrainer:
         generator = torch.Generator(device=device).manual_seed(_seed(cfg.run.seed, self.step, self.world.rank))
         self._sync_rollout_model()
         self.model.eval()
-        with self.autocast:
-            batch = rollouts(self.solver, examples, G, cfg.rollout.temperature, cfg.rollout.alg, generator)
-        rewards = torch.tensor([score(self.reward, c, examples[r // G], self.reward_name)
-                                for r, c in enumerate(batch.completions)])
-        advantages = group_advantages(rewards.view(-1, G), g.scale_rewards).flatten()
+        batch, rewards = self._rollouts(examples, generator)
         groups = rewards.view(-1, G)
+        first = (float(rewards.sum()), float((rewards >= 1).float().sum()), len(rewards),
+                 float((groups.max(1).values > groups.min(1).values).sum()) * G)  # the step's own prompts
+        refills, tokens = 0, batch.tokens
+        if cfg.rollout.refill:
+            batch, rewards, refills, tokens = self._refill(batch, rewards, generator)
+            groups = rewards.view(-1, G)
+        advantages = group_advantages(groups, g.scale_rewards).flatten()
         informative = (groups.max(1).values > groups.min(1).values).repeat_interleave(G)
         skip = g.skip_uniform_groups and not self.world.distributed
         rows = informative.nonzero(as_tuple=True)[0] if skip else torch.arange(len(rewards))
@@ -159,13 +166,51 @@ class GRPOTrainer:
             stats = self._update(batch.select(rows), advantages[rows], kept)
         self.step += 1
         seconds = time.perf_counter() - start
-        solved = float((rewards >= 1).float().sum())
-        total, solved, tokens, informative_n = all_reduce_sum(
-            [float(rewards.sum()), solved, float(batch.tokens), float(informative.sum())], self.world)
-        count = len(rewards) * self.world.size
-        return {"step": self.step, "reward": total / count, "rollout_acc": solved / count,
-                "informative": informative_n / count, "lr": lr_at(self.step - 1, cfg), **stats,
-                "tokens": int(tokens), "tok_per_s": tokens / max(seconds, 1e-9), "seconds": seconds}
+        # reward, accuracy and the informative share describe the step's own prompts (the policy as it is), not
+        # the groups a refill kept
+        total, solved, count, informative_n, tokens = all_reduce_sum(
+            [first[0], first[1], float(first[2]), first[3], float(tokens)], self.world)
+        record = {"step": self.step, "reward": total / count, "rollout_acc": solved / count,
+                  "informative": informative_n / count, "lr": lr_at(self.step - 1, cfg), **stats,
+                  "tokens": int(tokens), "tok_per_s": tokens / max(seconds, 1e-9), "seconds": seconds}
+        if cfg.rollout.refill:
+            record.update(refills=refills, kept_groups=int(kept) // G)
+        return record
+
+    def _rollouts(self, examples: list[Mapping[str, Any]], generator: torch.Generator):
+        """G completions of each example and their rewards."""
+        cfg = self.cfg
+        with self.autocast:
+            batch = rollouts(self.solver, examples, cfg.rollout.group_size, cfg.rollout.temperature,
+                             cfg.rollout.alg, generator)
+        rewards = torch.tensor([score(self.reward, c, examples[r // cfg.rollout.group_size], self.reward_name)
+                                for r, c in enumerate(batch.completions)])
+        return batch, rewards
+
+    def _refill(self, batch, rewards: torch.Tensor, generator: torch.Generator):
+        """Dynamic sampling: keep the informative groups (rewards not all equal) of the step's rollouts and of up to
+        rollout.refill extra rounds of fresh puzzles, until `prompts` groups are kept. Returns the kept batch (the
+        first round's as it was if no group anywhere carried a signal), its rewards, the extra rounds drawn and the
+        tokens generated in all."""
+        P, G = self.cfg.rollout.prompts, self.cfg.rollout.group_size
+        kept_batches, kept_rewards, tokens, rounds = [], [], batch.tokens, 0
+        current, current_rewards = batch, rewards
+        while True:
+            groups = current_rewards.view(-1, G)
+            for i in (groups.max(1).values > groups.min(1).values).nonzero(as_tuple=True)[0].tolist():
+                if len(kept_batches) == P:
+                    break
+                rows = torch.arange(i * G, (i + 1) * G)
+                kept_batches.append(current.select(rows))
+                kept_rewards.append(current_rewards[rows])
+            if len(kept_batches) >= P or rounds >= self.cfg.rollout.refill:
+                break
+            rounds += 1
+            current, current_rewards = self._rollouts(self.examples(self.step, rounds), generator)
+            tokens += current.tokens
+        if not kept_batches:
+            return batch, rewards, rounds, tokens
+        return Rollouts.cat(kept_batches), torch.cat(kept_rewards), rounds, tokens
 
     def _sync_rollout_model(self) -> None:
         """Under torchrun: copy the (sharded) policy's full weights into every rank's rollout model."""

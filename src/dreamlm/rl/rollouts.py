@@ -41,6 +41,13 @@ class Rollouts:
         return Rollouts(self.x[rows], self.prompt[rows], self.generated[rows],
                         [self.completions[i] for i in keep], self.group_size)
 
+    @staticmethod
+    def cat(parts: "Sequence[Rollouts]") -> "Rollouts":
+        """The rows of several batches (same group size and canvas length), in order."""
+        return Rollouts(torch.cat([p.x for p in parts]), torch.cat([p.prompt for p in parts]),
+                        torch.cat([p.generated for p in parts]), [c for p in parts for c in p.completions],
+                        parts[0].group_size)
+
 
 @torch.no_grad()
 def rollouts(solver: Solver, examples: Sequence[Mapping[str, Any]], group_size: int, temperature: float,

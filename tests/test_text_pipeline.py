@@ -300,3 +300,20 @@ def test_the_eval_code_infill_lines_come_from_held_out_modules():
     shipped = [json.loads(line) for line in
                (ROOT / "src/dreamlm/eval/tasks/data/code_infill.jsonl").read_text().splitlines()]
     assert {r["module"] for r in shipped} <= set(INFILL_MODULES) and len(shipped) == 60
+
+
+def test_function_body_cases_score_by_their_unit_tests(tokenizer):
+    from dreamlm.chatset import FUNCTIONS
+    from dreamlm.infill_bench import body_cases, length_table, score_bodies
+
+    cases = body_cases(tokenizer)
+    assert len(cases) == len(FUNCTIONS) and all(case.middle and case.suffix for case, _ in cases)
+    right = score_bodies(tokenizer, cases, lambda case: case.middle)  # the reference bodies pass their tests
+    assert right["pass_rate"] == 1.0 and right["edit_similarity"] == 1.0
+    wrong = score_bodies(tokenizer, cases, lambda case: tokenizer.encode("\n    return None"))
+    assert wrong["pass_rate"] == 0.0 and 0 < wrong["edit_similarity"] < 1
+    row = {"modes": {"oracle": {"exact_match": 0.25, "edit_similarity": 0.5}, "auto": {"refused": "no states"}},
+           "bodies": {"oracle": right, "auto": {"refused": "no states"}}}
+    table = length_table({"settings": {"modes": ["oracle", "auto"]}, "results": {"m": row}})
+    assert "| m | lines: exact / edit sim. | 25.0 % / 0.500 | refused (no length states) |" in table
+    assert "| m | bodies: tests passed / edit sim. | 100.0 % / 1.000 | refused (no length states) |" in table

@@ -78,6 +78,22 @@ FUNCTIONS = [
     ("cube", "x", "returns x cubed", ["cube(2) == 8", "cube(-3) == -27"]),
     ("absolute", "x", "returns the absolute value of x without using abs", ["absolute(-4) == 4", "absolute(3) == 3"]),
 ]
+# A short right body of each function (what follows its signature and docstring): the true length of a body for the
+# length modes of `dreamlm bench infill --lengths` (tests check that each passes its unit tests)
+BODIES = {
+    "reverse_string": "return s[::-1]", "is_even": "return n % 2 == 0", "square": "return x * x",
+    "add": "return a + b", "maximum": "return max(numbers)",
+    "count_vowels": "return sum(1 for ch in s if ch in 'aeiou')",
+    "factorial": "result = 1\n    for i in range(2, n + 1):\n        result *= i\n    return result",
+    "is_palindrome": "return s == s[::-1]", "celsius_to_fahrenheit": "return c * 9 / 5 + 32",
+    "average": "return sum(numbers) / len(numbers)",
+    "fibonacci": "a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a",
+    "count_words": "return len(text.split())", "first_char": "return s[0]", "last_item": "return items[-1]",
+    "to_upper": "return s.upper()", "sum_list": "return sum(numbers)", "is_positive": "return n > 0",
+    "double": "return 2 * x", "min_of_two": "return a if a < b else b", "remove_spaces": "return s.replace(' ', '')",
+    "count_char": "return s.count(c)", "is_empty": "return len(items) == 0", "cube": "return x ** 3",
+    "absolute": "return -x if x < 0 else x",
+}
 OPEN_ENDED = [  # training only: no checker, the AR base's answer is the target
     "Explain what a Python list is in one sentence.", "What does the len function do in Python?",
     "Give one tip for writing readable code.", "What is a variable?", "Explain recursion briefly.",

@@ -490,12 +490,42 @@ def length_filler(model: DreamModel, tok: DreamTokenizer, mode: str, max_span: i
     return lambda case: diffusion_fill(model, tok, case, max(1, round(scale * len(case.middle))), alg)
 
 
+def body_cases(tok: DreamTokenizer) -> list[tuple[Case, list[str]]]:
+    """Whole function bodies with unit tests (dreamlm.chatset.FUNCTIONS): the signature and docstring before, a
+    short right body (chatset.BODIES) as the middle, which gives the true length, and the file's last newline
+    after."""
+    from dreamlm.chat_bench import body_prefix
+    from dreamlm.chatset import BODIES, FUNCTIONS
+
+    return [(Case("body", tok.encode(body_prefix(name, args, does)), tok.encode("\n    " + BODIES[name]),
+                  tok.encode("\n"), name), tests) for name, args, does, tests in FUNCTIONS]
+
+
+def score_bodies(tok: DreamTokenizer, cases: list[tuple[Case, list[str]]], fill: Callable[[Case], list[int]],
+                 examples: int = 3) -> dict[str, Any]:
+    """Pass rate of the filled functions against their unit tests (in the sandbox) and edit similarity of the bodies
+    to the reference ones."""
+    from dreamlm.chatset import check_code
+
+    passed, sims, shown = 0, [], []
+    start = time.perf_counter()
+    for case, tests in cases:
+        got = tok.decode(fill(case), skip_special_tokens=True)
+        ok = check_code(tok.decode(case.prefix) + got + "\n", tests)
+        passed += ok
+        sims.append(edit_similarity(got.strip(), tok.decode(case.middle).strip()))
+        if len(shown) < examples:
+            shown.append({"where": case.where, "got": got, "passed": ok})
+    return {"pass_rate": passed / len(cases), "edit_similarity": sum(sims) / len(sims), "n": len(cases),
+            "seconds": round(time.perf_counter() - start, 1), "examples": shown}
+
+
 def length_bench(specs: list[tuple[str, str, Path]], n: int = 100, modes: tuple[str, ...] = LENGTH_MODES,
                  seed: int = 0, alg: str = "entropy", advance: Callable[..., None] | None = None,
                  context: int = 512, dtype: str | None = None) -> dict[str, Any]:
-    """Whole-line infill on held-out stdlib code at each length mode, for every diffusion model; lines are limited
-    to what fits twice in the window (the 2x canvas). A model without the length states gets no `auto` row
-    (reported as refused)."""
+    """Whole-line infill on held-out stdlib code and whole function bodies run against unit tests (`body_cases`),
+    at each length mode, for every diffusion model; lines are limited to what fits twice in the window (the 2x
+    canvas). A model without the length states gets no `auto` row (reported as refused)."""
     from dreamlm.bench import machine
 
     step = advance or (lambda *a, **k: None)
@@ -510,21 +540,26 @@ def length_bench(specs: list[tuple[str, str, Path]], n: int = 100, modes: tuple[
     window = Window(full.prefix, full.suffix, full.middle - spare)
     lines, _, dropped = line_cases(tok, n, seed, window)
     max_span = context - full.prefix - full.suffix
+    bodies = body_cases(tok)
     results: dict[str, Any] = {}
     for entry in entries:
         model = entry.model
         assert model is not None
-        row: dict[str, Any] = {"path": str(entry.path), "length_states": model.config.length_states, "modes": {}}
+        row: dict[str, Any] = {"path": str(entry.path), "length_states": model.config.length_states, "modes": {},
+                               "bodies": {}}
         for mode in modes:
             if mode == "auto" and not model.config.length_states:
-                row["modes"][mode] = {"refused": "no <|expand|>/<|delete|> tokens"}
+                row["modes"][mode] = row["bodies"][mode] = {"refused": "no <|expand|>/<|delete|> tokens"}
             else:
-                row["modes"][mode] = score_fills(tok, lines, length_filler(model, tok, mode, max_span, alg))
-            step(1, f"{entry.label}: line @ {mode}")
+                fill = length_filler(model, tok, mode, max_span, alg)
+                row["modes"][mode] = score_fills(tok, lines, fill)
+                row["bodies"][mode] = score_bodies(tok, bodies, fill)
+            step(1, f"{entry.label}: line and body @ {mode}")
         results[entry.label] = row
     return {"command": "dreamlm " + " ".join(sys.argv[1:]) if sys.argv else "", "machine": machine(),
             "settings": {"n": n, "seed": seed, "context": context, "modes": list(modes), "auto_start": AUTO_START,
                          "max_span": max_span, "max_line_tokens": window.middle, "lines_dropped": dropped,
+                         "bodies": len(bodies),
                          "prefix_tokens": window.prefix, "suffix_tokens": window.suffix,
                          "decoding": f"one token committed per step, {alg} order, argmax; auto: DreamOn's "
                                      "expand/delete transitions between steps",
@@ -535,12 +570,16 @@ def length_bench(specs: list[tuple[str, str, Path]], n: int = 100, modes: tuple[
 def length_table(report: dict[str, Any]) -> str:
     """Markdown: exact match / edit similarity of whole-line infill per length mode."""
     modes = report["settings"]["modes"]
-    lines = ["| model | " + " | ".join(f"line @ {m}" for m in modes) + " |", "|---" * (len(modes) + 1) + "|"]
+    lines = ["| model | what | " + " | ".join(modes) + " |", "|---" * (len(modes) + 2) + "|"]
     for label, row in report["results"].items():
-        cells = [("refused (no length states)" if "refused" in r else
-                  f"{100 * r['exact_match']:.1f} % / {r['edit_similarity']:.3f}")
-                 for r in (row["modes"][m] for m in modes)]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        for what, key, cell in (("lines: exact / edit sim.", "modes",
+                                 lambda r: f"{100 * r['exact_match']:.1f} % / {r['edit_similarity']:.3f}"),
+                                ("bodies: tests passed / edit sim.", "bodies",
+                                 lambda r: f"{100 * r['pass_rate']:.1f} % / {r['edit_similarity']:.3f}")):
+            if key not in row:  # a report from before the body rows
+                continue
+            cells = ["refused (no length states)" if "refused" in r else cell(r) for r in (row[key][m] for m in modes)]
+            lines.append(f"| {label} | {what} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -550,7 +589,7 @@ def write_length_report(report: dict[str, Any], out_dir: Path) -> None:
     s = report["settings"]
     (out_dir / "infill-lengths.md").write_text(
         f"`{report['command']}` on {report['machine']}; {s['n']} held-out whole lines (at most "
-        f"{s['max_line_tokens']} tokens, {s['prefix_tokens']} tokens before, {s['suffix_tokens']} after); cells are "
-        f"exact match / edit similarity; {s['decoding']}; auto starts from {s['auto_start']} masks and may grow "
+        f"{s['max_line_tokens']} tokens, {s['prefix_tokens']} tokens before, {s['suffix_tokens']} after) and "
+        f"{s.get('bodies', 0)} function bodies run against their unit tests in the sandbox; {s['decoding']}; auto starts from {s['auto_start']} masks and may grow "
         f"to {s['max_span']}\n\n{length_table(report)}\n")
     (out_dir / "infill-lengths.json").write_text(json.dumps(report, indent=2) + "\n")

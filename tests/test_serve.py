@@ -482,3 +482,17 @@ def test_bench_serve_soak_reports_errors_latency_and_the_servers_memory(tmp_path
     assert "Soak: 2 clients for 3 s with batching on" in serve_table(report)
     assert json.loads((tmp_path / "serve.json").read_text())["soak"]["requests"] == soak["requests"]
     assert (tmp_path / "serve.png").stat().st_size > 0
+
+
+def test_serve_keeps_onednn_kernel_cache_small_unless_told(monkeypatch):
+    from typer.testing import CliRunner
+
+    from dreamlm.cli import SERVE_ONEDNN_CACHE, app
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    result = CliRunner().invoke(app, ["serve", "--log-level", "loud"])  # refused after the variable is set
+    assert result.exit_code == 2 and "unknown log level" in result.output
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(SERVE_ONEDNN_CACHE) == "16"
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")  # the user's own setting wins
+    CliRunner().invoke(app, ["serve", "--log-level", "loud"])
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "256"

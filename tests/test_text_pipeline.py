@@ -317,3 +317,31 @@ def test_function_body_cases_score_by_their_unit_tests(tokenizer):
     table = length_table({"settings": {"modes": ["oracle", "auto"]}, "results": {"m": row}})
     assert "| m | lines: exact / edit sim. | 25.0 % / 0.500 | refused (no length states) |" in table
     assert "| m | bodies: tests passed / edit sim. | 100.0 % / 1.000 | refused (no length states) |" in table
+
+
+def test_bench_infill_lengths_with_an_ar_baseline_told_no_length(pipeline, tmp_path):
+    from dreamlm.infill_bench import ar_fill_free, body_cases
+
+    diffusion, ar = pipeline / "ar2diff" / "final", pipeline / "ar-full" / "final"
+    args = ["bench", "infill", "--lengths", "oracle,2x", "--n", "2", "--context", "128", "--out", str(tmp_path),
+            "-m", f"diffusion={diffusion}", "-m", f"ar={ar}"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "infill-lengths.json").read_text())
+    row, base = report["results"]["diffusion: ar2diff"], report["results"]["ar: ar-full"]
+    assert set(row["bodies"]) == {"oracle", "2x"} and all(0 <= r["pass_rate"] <= 1 for r in row["bodies"].values())
+    assert base["kind"] == "ar" and base["free"]["lines"]["n"] == 2 and 1 <= base["free"]["bodies"]["n"] <= 24
+    assert "| ar: ar-full | lines: exact / edit sim. | — | — |" in res.output
+    assert "AR, prefix only (no length)" in (tmp_path / "infill-lengths.md").read_text()
+    # the baseline stops where the gap ends: a line after its newline, a body before column 0
+    model = DreamModel.from_pretrained(ar, dtype=torch.float32)
+    tok = model.tokenizer
+    line = Case("line", tok.encode("def f(x):\n   "), tok.encode(" return x\n"), tok.encode("y = 1\n"), "t")
+    text = tok.decode(ar_fill_free(model, tok, line, 40))
+    assert "\n" not in text[:-1]
+    for case, _ in body_cases(tok)[:3]:
+        body = tok.decode(ar_fill_free(model, tok, case, 40))
+        assert all(not part or part[0].isspace() for part in body.split("\n"))
+    refused = runner.invoke(app, ["bench", "infill", "--lengths", "oracle", "--out", str(tmp_path),
+                                  "-m", f"ar-fim={pipeline / 'ar-fim' / 'final'}"])
+    assert refused.exit_code == 2 and "not ar-fim" in refused.output

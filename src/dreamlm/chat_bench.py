@@ -143,6 +143,16 @@ def body_prefix(name: str, args: str, does: str) -> str:
     return f'def {name}({args}):\n    """{does[0].upper()}{does[1:]}."""'
 
 
+def cut_body(text: str) -> str:
+    """A function body continued left to right, up to the first line back at column 0 (where the function ends)."""
+    kept = []
+    for line in text.split("\n"):
+        if line and not line[0].isspace():
+            break
+        kept.append(line)
+    return "\n".join(kept)
+
+
 def body_bench(diffusion: DreamModel, ar: DreamModel, masks: tuple[int, ...] = (16, 32), max_new_tokens: int = 48,
                alg: str = "entropy", advance: Callable[..., None] = lambda *a, **k: None,
                limit: int | None = None) -> dict[str, Any]:
@@ -173,12 +183,7 @@ def body_bench(diffusion: DreamModel, ar: DreamModel, masks: tuple[int, ...] = (
         out, _ = ar_generate(ar, x, max_new_tokens)
         ids = out[0, x.shape[1]:].tolist()
         text = tok.decode(ids[:ids.index(eos)] if eos in ids else ids, skip_special_tokens=True)  # keep the indent
-        kept = []
-        for line in text.split("\n"):
-            if line and not line[0].isspace():
-                break  # back at column 0: the function has ended
-            kept.append(line)
-        return "\n".join(kept) + "\n"
+        return cut_body(text) + "\n"
 
     def diffusion_body(prefix: str, k: int) -> str:
         x = torch.tensor([tok.encode(prefix)])

@@ -904,9 +904,10 @@ def bench_infill(model: Optional[list[str]] = typer.Option(
                                                         "multiplies bf16 natively), float32, bfloat16."),
                  out_dir: Path = typer.Option(Path("dreamlm-bench"), "--out", help="Folder for the table, JSON and plot "
                                                                   "(the repo's own: benchmarks/results)."),
-                 lengths: Optional[str] = typer.Option(None, "--lengths", help="Instead: whole-line infill of each "
-                                                       "diffusion model at these length modes, a subset of "
-                                                       "oracle,0.5x,2x,auto (auto: DreamOn's expand/delete states)."),
+                 lengths: Optional[str] = typer.Option(None, "--lengths", help="Instead: whole-line and function-body "
+                                                       "infill of each diffusion model at these length modes, a subset "
+                                                       "of oracle,0.5x,2x,auto (auto: DreamOn's expand/delete states); "
+                                                       "ar=PATH models are the prefix-only baseline, told no length."),
                  ) -> None:
     """Code infilling on held-out stdlib modules: diffusion vs AR vs AR with fill-in-the-middle, and held-out loss."""
     from dreamlm.infill_bench import KINDS, PIPELINE, infill_bench, infill_table, write_infill_report

@@ -43,6 +43,7 @@ PIPELINE = (("AR → diffusion (CART)", "diffusion", "runs/text/ar2diff/final"),
             ("AR stage 1 (half the tokens)", "ar", "runs/text/ar-stage/final"),
             ("AR 75 % → diffusion 25 %", "diffusion", "runs/text/split75-diff/final"))
 BOOTSTRAP = 2000  # resamples of the paired interval
+BODY_TOKENS = 48  # what an AR baseline may write for a function body (as `bench chat`'s body bench)
 
 
 @dataclass
@@ -470,7 +471,7 @@ def diffusion_fill_auto(model: DreamModel, tok: DreamTokenizer, case: Case, star
 
     mask = model.config.mask_token_id
     canvas = torch.tensor([case.prefix + [mask] * start + case.suffix])
-    limit = len(case.prefix) + len(case.suffix) + max_span
+    limit = min(len(case.prefix) + len(case.suffix) + max_span, model.config.context_length)
     out = diffusion_generate(model, canvas, max_length=canvas.shape[1], steps=2 * max_span, alg=alg,
                              temperature=0.0, length_limit=limit, return_dict_in_generate=True,
                              constraints=Constraints(banned_token_ids=unwritable_ids(model, tok)))
@@ -490,15 +491,17 @@ def length_filler(model: DreamModel, tok: DreamTokenizer, mode: str, max_span: i
     return lambda case: diffusion_fill(model, tok, case, max(1, round(scale * len(case.middle))), alg)
 
 
-def body_cases(tok: DreamTokenizer) -> list[tuple[Case, list[str]]]:
+def body_cases(tok: DreamTokenizer, context: int | None = None) -> list[tuple[Case, list[str]]]:
     """Whole function bodies with unit tests (dreamlm.chatset.FUNCTIONS): the signature and docstring before, a
     short right body (chatset.BODIES) as the middle, which gives the true length, and the file's last newline
-    after."""
+    after. With `context`, only the cases whose 2x canvas fits it."""
     from dreamlm.chat_bench import body_prefix
     from dreamlm.chatset import BODIES, FUNCTIONS
 
-    return [(Case("body", tok.encode(body_prefix(name, args, does)), tok.encode("\n    " + BODIES[name]),
-                  tok.encode("\n"), name), tests) for name, args, does, tests in FUNCTIONS]
+    cases = [(Case("body", tok.encode(body_prefix(name, args, does)), tok.encode("\n    " + BODIES[name]),
+                   tok.encode("\n"), name), tests) for name, args, does, tests in FUNCTIONS]
+    return [(case, tests) for case, tests in cases
+            if context is None or len(case.prefix) + 2 * len(case.middle) + len(case.suffix) <= context]
 
 
 def score_bodies(tok: DreamTokenizer, cases: list[tuple[Case, list[str]]], fill: Callable[[Case], list[int]],
@@ -520,6 +523,25 @@ def score_bodies(tok: DreamTokenizer, cases: list[tuple[Case, list[str]]], fill:
             "seconds": round(time.perf_counter() - start, 1), "examples": shown}
 
 
+def ar_fill_free(model: DreamModel, tok: DreamTokenizer, case: Case, max_new_tokens: int) -> list[int]:
+    """The AR baseline of the length modes, told no length: greedy from the prefix alone (until EOS or
+    `max_new_tokens`), cut where the gap ends: after the line's newline (a line case) or before the first line back at
+    column 0 (a function body)."""
+    from dreamlm.chat_bench import cut_body
+    from dreamlm.sampling.autoregressive import ar_generate
+    from dreamlm.sampling.infill import cut_at_eos
+
+    room = model.config.context_length - len(case.prefix)
+    x, _ = ar_generate(model, torch.tensor([case.prefix]), max(1, min(max_new_tokens, room)))
+    text = tok.decode(cut_at_eos(x[0, len(case.prefix):].tolist(), model.config.eos_token_id),
+                      skip_special_tokens=True)
+    if case.task == "body":
+        text = cut_body(text)
+    elif "\n" in text:
+        text = text[:text.index("\n") + 1]
+    return tok.encode(text)
+
+
 def length_bench(specs: list[tuple[str, str, Path]], n: int = 100, modes: tuple[str, ...] = LENGTH_MODES,
                  seed: int = 0, alg: str = "entropy", advance: Callable[..., None] | None = None,
                  context: int = 512, dtype: str | None = None) -> dict[str, Any]:
@@ -530,8 +552,8 @@ def length_bench(specs: list[tuple[str, str, Path]], n: int = 100, modes: tuple[
 
     step = advance or (lambda *a, **k: None)
     entries = load_entries(specs, dtype)
-    if any(e.kind != "diffusion" for e in entries):
-        raise DreamError("--lengths compares length modes of diffusion models; give only diffusion=PATH models")
+    if any(e.kind == "ar-fim" for e in entries):
+        raise DreamError("--lengths takes diffusion=PATH models and ar=PATH baselines (prefix only), not ar-fim")
     tok = entries[0].model.tokenizer
     assert tok is not None
     context = min([context] + [e.model.config.context_length for e in entries if e.model is not None])
@@ -540,11 +562,19 @@ def length_bench(specs: list[tuple[str, str, Path]], n: int = 100, modes: tuple[
     window = Window(full.prefix, full.suffix, full.middle - spare)
     lines, _, dropped = line_cases(tok, n, seed, window)
     max_span = context - full.prefix - full.suffix
-    bodies = body_cases(tok)
+    bodies = body_cases(tok, context)
+    if not bodies:
+        raise DreamError(f"no function body fits a context of {context} tokens twice over; raise --context")
     results: dict[str, Any] = {}
     for entry in entries:
         model = entry.model
         assert model is not None
+        if entry.kind == "ar":  # told no length: it writes until the line or the function ends
+            results[entry.label] = {"path": str(entry.path), "kind": "ar", "modes": {}, "bodies": {}, "free": {
+                "lines": score_fills(tok, lines, lambda case: ar_fill_free(model, tok, case, 2 * window.middle)),
+                "bodies": score_bodies(tok, bodies, lambda case: ar_fill_free(model, tok, case, BODY_TOKENS))}}
+            step(len(modes), f"{entry.label}: AR, prefix only")
+            continue
         row: dict[str, Any] = {"path": str(entry.path), "length_states": model.config.length_states, "modes": {},
                                "bodies": {}}
         for mode in modes:
@@ -562,7 +592,8 @@ def length_bench(specs: list[tuple[str, str, Path]], n: int = 100, modes: tuple[
                          "bodies": len(bodies),
                          "prefix_tokens": window.prefix, "suffix_tokens": window.suffix,
                          "decoding": f"one token committed per step, {alg} order, argmax; auto: DreamOn's "
-                                     "expand/delete transitions between steps",
+                                     "expand/delete transitions between steps; AR: greedy from the prefix alone, "
+                                     "cut where the line or the function ends",
                          "dtype": str(entries[0].model.dtype).removeprefix("torch.")},
             "results": results}
 
@@ -570,7 +601,9 @@ def length_bench(specs: list[tuple[str, str, Path]], n: int = 100, modes: tuple[
 def length_table(report: dict[str, Any]) -> str:
     """Markdown: exact match / edit similarity of whole-line infill per length mode."""
     modes = report["settings"]["modes"]
-    lines = ["| model | what | " + " | ".join(modes) + " |", "|---" * (len(modes) + 2) + "|"]
+    free = any("free" in row for row in report["results"].values())
+    columns = list(modes) + (["AR, prefix only (no length)"] if free else [])
+    lines = ["| model | what | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
     for label, row in report["results"].items():
         for what, key, cell in (("lines: exact / edit sim.", "modes",
                                  lambda r: f"{100 * r['exact_match']:.1f} % / {r['edit_similarity']:.3f}"),
@@ -578,7 +611,11 @@ def length_table(report: dict[str, Any]) -> str:
                                  lambda r: f"{100 * r['pass_rate']:.1f} % / {r['edit_similarity']:.3f}")):
             if key not in row:  # a report from before the body rows
                 continue
-            cells = ["refused (no length states)" if "refused" in r else cell(r) for r in (row[key][m] for m in modes)]
+            if "free" in row:
+                cells = ["—"] * len(modes) + [cell(row["free"]["lines" if key == "modes" else "bodies"])]
+            else:
+                cells = ["refused (no length states)" if "refused" in r else cell(r)
+                         for r in (row[key][m] for m in modes)] + (["—"] if free else [])
             lines.append(f"| {label} | {what} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -101,7 +101,7 @@ def chat_bench(diffusion: DreamModel, ar: DreamModel, n: int | None = None, max_
 
 def chat_table(report: dict[str, Any]) -> str:
     """Markdown table of the report."""
-    lines = [f"| method | right | keeps AR's right answers | tokens/s |", "|---|---|---|---|"]
+    lines = ["| method | right | keeps AR's right answers | tokens/s |", "|---|---|---|---|"]
     for label, m in report["methods"].items():
         lines.append(f"| {label} | {m['accuracy']:.1%} | {m['keeps_ar_right']:.1%} | {m['tokens_per_s']:.1f} |")
     s = report["settings"]

@@ -627,6 +627,7 @@ def write_length_report(report: dict[str, Any], out_dir: Path) -> None:
     (out_dir / "infill-lengths.md").write_text(
         f"`{report['command']}` on {report['machine']}; {s['n']} held-out whole lines (at most "
         f"{s['max_line_tokens']} tokens, {s['prefix_tokens']} tokens before, {s['suffix_tokens']} after) and "
-        f"{s.get('bodies', 0)} function bodies run against their unit tests in the sandbox; {s['decoding']}; auto starts from {s['auto_start']} masks and may grow "
+        f"{s.get('bodies', 0)} function bodies run against their unit tests in the sandbox; {s['decoding']}; "
+        f"auto starts from {s['auto_start']} masks and may grow "
         f"to {s['max_span']}\n\n{length_table(report)}\n")
     (out_dir / "infill-lengths.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -23,6 +23,11 @@ def group_advantages(rewards: torch.Tensor, scale: bool = True) -> torch.Tensor:
     return (centred / (rewards.std(dim=1, unbiased=False, keepdim=True) + ADVANTAGE_EPS)).float()
 
 
+def informative(rewards: torch.Tensor) -> torch.Tensor:
+    """(P, G) rewards -> (P,) bool: the groups whose rewards are not all equal (the only ones with an advantage)."""
+    return rewards.max(dim=1).values > rewards.min(dim=1).values
+
+
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Schulman's k3 estimate of KL(policy || reference) per unit: exp(r) - r - 1 with r = ref_logp - logp (>= 0,
     unbiased for samples from the policy)."""

@@ -15,7 +15,6 @@ import json
 import random
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -28,7 +27,7 @@ from dreamlm.model import DreamModel
 from dreamlm.precision import training_precision
 from dreamlm.rl.config import RLConfig
 from dreamlm.rl.estimators import Estimator, draw, loglik
-from dreamlm.rl.grpo import group_advantages, grpo_loss
+from dreamlm.rl.grpo import group_advantages, grpo_loss, informative
 from dreamlm.rl.rewards import Reward, RewardError, builtin_reward, score
 from dreamlm.rl.rollouts import Rollouts, rollouts
 from dreamlm.solver import TASK_FILE, Solver, read_task_file, star_shapes
@@ -149,27 +148,24 @@ class GRPOTrainer:
         self._sync_rollout_model()
         self.model.eval()
         batch, rewards = self._rollouts(examples, generator)
-        groups = rewards.view(-1, G)
-        first = (float(rewards.sum()), float((rewards >= 1).float().sum()), len(rewards),
-                 float((groups.max(1).values > groups.min(1).values).sum()) * G)  # the step's own prompts
+        # what the step logs describes its own prompts (the policy as it is), not the groups a refill kept
+        own = [float(rewards.sum()), float((rewards >= 1).sum()), float(len(rewards)),
+               float(informative(rewards.view(-1, G)).sum()) * G]
         refills, tokens = 0, batch.tokens
         if cfg.rollout.refill:
             batch, rewards, refills, tokens = self._refill(batch, rewards, generator)
-            groups = rewards.view(-1, G)
+        groups = rewards.view(-1, G)
         advantages = group_advantages(groups, g.scale_rewards).flatten()
-        informative = (groups.max(1).values > groups.min(1).values).repeat_interleave(G)
         skip = g.skip_uniform_groups and not self.world.distributed
-        rows = informative.nonzero(as_tuple=True)[0] if skip else torch.arange(len(rewards))
+        rows = (informative(groups).repeat_interleave(G).nonzero(as_tuple=True)[0] if skip
+                else torch.arange(len(rewards)))
         (kept,) = all_reduce_sum([float(len(rows))], self.world)
         stats = {"kl": 0.0, "clipped": 0.0, "loss": 0.0}
         if kept > 0:
             stats = self._update(batch.select(rows), advantages[rows], kept)
         self.step += 1
         seconds = time.perf_counter() - start
-        # reward, accuracy and the informative share describe the step's own prompts (the policy as it is), not
-        # the groups a refill kept
-        total, solved, count, informative_n, tokens = all_reduce_sum(
-            [first[0], first[1], float(first[2]), first[3], float(tokens)], self.world)
+        total, solved, count, informative_n, tokens = all_reduce_sum([*own, float(tokens)], self.world)
         record = {"step": self.step, "reward": total / count, "rollout_acc": solved / count,
                   "informative": informative_n / count, "lr": lr_at(self.step - 1, cfg), **stats,
                   "tokens": int(tokens), "tok_per_s": tokens / max(seconds, 1e-9), "seconds": seconds}
@@ -196,8 +192,7 @@ class GRPOTrainer:
         kept_batches, kept_rewards, tokens, rounds = [], [], batch.tokens, 0
         current, current_rewards = batch, rewards
         while True:
-            groups = current_rewards.view(-1, G)
-            for i in (groups.max(1).values > groups.min(1).values).nonzero(as_tuple=True)[0].tolist():
+            for i in informative(current_rewards.view(-1, G)).nonzero(as_tuple=True)[0].tolist():
                 if len(kept_batches) == P:
                     break
                 rows = torch.arange(i * G, (i + 1) * G)

@@ -325,7 +325,6 @@ def build_source(cfg: TrainConfig, tokenizer: DreamTokenizer, files: list[str], 
                           world.rank, world.size)
 
 
-
 def log_metrics(run: Any, record: dict) -> None:
     """Keep a metrics record in `run.history` and append it to metrics.jsonl (main process only): the log of a
     training run and of an RL run alike."""
@@ -348,6 +347,7 @@ def open_run(run: Any, resume: bool, config_name: str) -> int:
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / config_name).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     return cfg.optim.max_steps if not cfg.run.stop_at else min(cfg.run.stop_at, cfg.optim.max_steps)
+
 
 class Trainer:
     """Holds the pieces of a run; `fit()` runs it."""
